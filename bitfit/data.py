@@ -1,0 +1,149 @@
+"""Alpaca rows -> prompt and response tokens -> masked labels -> padded micro-batches.
+
+Each example is a plain dict {"input_ids": [...], "labels": [...]}. Labels are -100 over the
+prompt, so the model is trained to write the response and never to echo the instruction.
+"""
+
+from pathlib import Path
+
+import torch
+
+from bitfit.errors import InputError
+
+IGNORE_INDEX = -100  # cross_entropy skips targets with this value
+REQUIRED_COLUMNS = ("instruction", "output")
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def format_prompt(instruction: str, input: str = "") -> str:
+    """The seed notebook's template, kept exactly so that results stay comparable."""
+    return "Human: " + "\n".join([instruction, input]).strip() + "\n\nAssistant: "
+
+
+# ---------------------------------------------------------------------------- loading rows
+
+
+def load_rows(source: str, split: str = "train", limit: int | None = None) -> list[dict]:
+    """Read alpaca rows from a local .json/.jsonl/.csv/.parquet file or a hub dataset id."""
+    dataset = _load_dataset(source, split)
+    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise InputError(f"{source}: missing column(s) {', '.join(missing)}; found "
+                         f"{', '.join(dataset.column_names) or 'none'} (expected instruction, "
+                         f"input (optional), output)")
+    if len(dataset) == 0:
+        raise InputError(f"{source}: the data has no rows")
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    has_input = "input" in dataset.column_names
+    return [{"instruction": _text(row["instruction"]),
+             "input": _text(row["input"]) if has_input else "",
+             "output": _text(row["output"])} for row in dataset]
+
+
+def _text(value) -> str:
+    return "" if value is None else str(value)
+
+
+def _load_dataset(source: str, split: str):
+    import datasets  # deferred: importing datasets costs a second and is only needed here
+
+    datasets.disable_progress_bars()
+    path = Path(source)
+    if path.suffix.lower() in LOCAL_FORMATS or path.exists():
+        file_format = _check_local_file(path)
+        try:
+            return datasets.load_dataset(file_format, data_files=str(path), split="train")
+        except Exception as error:  # datasets wraps parser errors in its own types
+            raise InputError(f"{source}: not a valid {file_format.upper()} file of rows "
+                             f"({_root_cause(error)})") from None
+    try:
+        return datasets.load_dataset(source, split=split)
+    except Exception as error:
+        raise InputError(f"could not load dataset {source!r} split {split!r}: it is not a local "
+                         f"file and the hub did not provide it ({_root_cause(error)})") from None
+
+
+def _check_local_file(path: Path) -> str:
+    if not path.is_file():
+        raise InputError(f"data file not found: {path}")
+    file_format = LOCAL_FORMATS.get(path.suffix.lower())
+    if file_format is None:
+        raise InputError(f"{path}: unsupported file type; use .json, .jsonl, .csv or .parquet")
+    if path.stat().st_size == 0:
+        raise InputError(f"data file is empty: {path}")
+    return file_format
+
+
+def _root_cause(error: BaseException) -> str:
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    message = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
+
+
+# ------------------------------------------------------------------ tokenizing and masking
+
+
+def tokenize_rows(rows: list[dict], tokenizer, max_len: int) -> tuple[list[dict], int]:
+    """Turn rows into examples; return them and how many rows were dropped.
+
+    A row is dropped when truncation at max_len leaves none of its response: it would have
+    no label tokens, add nothing to training, and make a per-batch mean loss divide by zero.
+    """
+    if tokenizer.eos_token_id is None:
+        raise InputError("the tokenizer has no eos token; one is needed to end each response")
+    prompts = [format_prompt(row["instruction"], row["input"]) for row in rows]
+    responses = [row["output"] for row in rows]
+    # The prompt gets the tokenizer's own special tokens (a BOS where the model expects one),
+    # exactly as at generation time; the response gets none, only the eos we append.
+    prompt_ids = tokenizer(prompts)["input_ids"]
+    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    examples = []
+    for prompt, response in zip(prompt_ids, response_ids):
+        example = build_example(prompt, response + [tokenizer.eos_token_id], max_len)
+        if example is not None:
+            examples.append(example)
+    return examples, len(rows) - len(examples)
+
+
+def build_example(prompt_ids: list[int], response_ids: list[int], max_len: int) -> dict | None:
+    input_ids = (prompt_ids + response_ids)[:max_len]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_len]
+    if all(label == IGNORE_INDEX for label in labels):
+        return None
+    return {"input_ids": input_ids, "labels": labels}
+
+
+# ------------------------------------------------------------------- batching and collate
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch: input_ids with pad_id, attention_mask with 0, labels with -100.
+
+    Padding is marked by position, never by token id, so when pad_id is the eos id (GPT-2
+    has no pad token) the real eos at the end of each response keeps its label.
+    """
+    width = max(len(example["input_ids"]) for example in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, example in enumerate(examples):
+        length = len(example["input_ids"])
+        input_ids[row, :length] = torch.tensor(example["input_ids"])
+        attention_mask[row, :length] = 1
+        labels[row, :length] = torch.tensor(example["labels"])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def optimizer_windows(num_examples: int, batch_size: int, grad_accum: int, seed: int,
+                      epoch: int) -> list[list[list[int]]]:
+    """One epoch's order: a list of accumulation windows, each a list of micro-batches of indices.
+
+    The order is a seeded shuffle of examples, so batch 1 x accum 8 and batch 8 x accum 1 see
+    the same eight examples in each optimizer step. The last window may be shorter.
+    """
+    generator = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(num_examples, generator=generator).tolist()
+    micro_batches = [order[i:i + batch_size] for i in range(0, num_examples, batch_size)]
+    return [micro_batches[i:i + grad_accum] for i in range(0, len(micro_batches), grad_accum)]

@@ -1,0 +1,64 @@
+"""Memory, throughput and the end-of-run summary: numbers with units a person can read."""
+
+import json
+import resource
+from pathlib import Path
+
+import torch
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int | None:
+    """Most GPU memory held by tensors since the last reset; None on CPU, where torch has no counter."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory over its whole life (loading included); Linux reports KiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, flushed as written so a crash keeps the lines."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "w")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def gib(num_bytes: int | None) -> str:
+    return "n/a" if num_bytes is None else f"{num_bytes / 2**30:.2f} GiB"
+
+
+def format_summary(summary: dict) -> str:
+    """The summary as a short two-column table."""
+    rows = [
+        ("mode", summary["mode"]),
+        ("model", summary["model"]),
+        ("trainable params", f"{summary['trainable_params']:,} / {summary['total_params']:,} "
+                             f"({summary['trainable_percent']:.4f}%)"),
+        ("optimizer steps", f"{summary['optimizer_steps']:,}"),
+        ("samples", f"{summary['samples']:,} ({summary['dropped_rows']:,} rows dropped)"),
+        ("tokens", f"{summary['tokens']:,}"),
+        ("train loss", f"{summary['train_loss']:.4f}"),
+        ("time", f"{summary['seconds']:.1f} s"),
+        ("throughput", f"{summary['samples_per_s']:.2f} samples/s, "
+                       f"{summary['tokens_per_s']:,.0f} tokens/s"),
+        ("peak GPU memory", gib(summary["peak_memory_bytes"])),
+        ("peak RSS", gib(summary["peak_rss_bytes"])),
+        ("device", summary["device"]),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

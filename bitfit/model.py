@@ -1,0 +1,93 @@
+"""Loading a causal LM and its tokenizer: from the hub, from a folder, or the built-in tiny GPT-2."""
+
+from pathlib import Path
+
+import torch
+
+from bitfit.config import ASSETS, DEFAULT_MODEL
+from bitfit.errors import InputError
+
+TINY_GPT2_DIR = ASSETS / "tiny-gpt2"
+TINY_GPT2_SEED = 0
+DTYPES = {"fp32": torch.float32}
+
+
+def load_model_and_tokenizer(name: str, dtype: str = "fp32"):
+    """Return (model, tokenizer) for a hub id, a local folder, or DEFAULT_MODEL."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    if name == DEFAULT_MODEL:
+        return _load_builtin_tiny_gpt2(dtype)
+    _check_model_source(name)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+        # Ask for the dtype explicitly: many hub checkpoints are stored in fp16/bf16.
+        model = transformers.AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype])
+    except (OSError, ValueError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"could not load model {name!r}: {first_line}") from None
+    return model, tokenizer
+
+
+def _check_model_source(name: str) -> None:
+    path = Path(name).expanduser()
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or path.exists()
+    if looks_like_path and not path.is_dir():
+        raise InputError(f"model folder not found: {name}")
+
+
+def _load_builtin_tiny_gpt2(dtype: str):
+    """A 4-layer GPT-2 whose config and tokenizer ship in bitfit/assets.
+
+    Its weights are random, drawn from a fixed seed, so every process builds the same model:
+    that is what lets a bias delta trained in one run be applied to the base in another.
+    """
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(TINY_GPT2_DIR)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(TINY_GPT2_DIR)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_GPT2_SEED)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    return model, tokenizer
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id used to pad input_ids; GPT-2 has no pad token, so fall back to eos."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(choice)
+
+
+# ------------------------------------------------------- building tiny models (tests, assets)
+
+
+def train_tokenizer(texts, vocab_size: int, eos_token: str = "<|endoftext|>"):
+    """Train a small byte-level BPE tokenizer in the style of GPT-2 (eos, no pad token)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos_token],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos_token,
+                                   bos_token=eos_token, unk_token=eos_token)
+
+
+def tiny_gpt2_config(tokenizer, **overrides):
+    from transformers import GPT2Config
+
+    settings = dict(vocab_size=len(tokenizer), n_positions=512, n_embd=256, n_layer=4, n_head=4,
+                    bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    settings.update(overrides)
+    return GPT2Config(**settings)

@@ -1,0 +1,92 @@
+"""A training run from settings to files: load, freeze, build the optimizer, loop, save.
+
+Everything that can be wrong with the user's input (data, model, flags) is checked before
+the run folder is touched, so a bad command never overwrites an earlier run's files.
+"""
+
+import platform
+from pathlib import Path
+
+import torch
+
+from bitfit.bias import count_parameters, describe_counts, select_trainable, trainable_parameters
+from bitfit.checkpoint import BIAS_FILE, save_bias_delta, save_json, save_model_folder
+from bitfit.config import TrainConfig
+from bitfit.data import load_rows, tokenize_rows
+from bitfit.errors import InputError
+from bitfit.loop import train_loop
+from bitfit.metrics import (MetricsLog, format_summary, peak_memory_bytes, peak_rss_bytes,
+                            reset_peak_memory)
+from bitfit.model import load_model_and_tokenizer, pad_token_id, resolve_device
+
+
+def run(config: TrainConfig, log=print) -> dict:
+    """Train as config says, write the run folder, and return the summary."""
+    device = resolve_device(config.device)
+    rows = load_rows(config.data, config.split, config.limit)
+    # Both modes start from the same fresh pretrained weights: never chain one mode's result
+    # into the other, or the comparison measures the chain rather than the method.
+    model, tokenizer = load_model_and_tokenizer(config.model, config.dtype)
+    examples, dropped = tokenize_rows(rows, tokenizer, config.max_len)
+    if not examples:
+        raise InputError(f"every one of the {len(rows)} rows was dropped: no response token fits "
+                         f"in --max-len {config.max_len}; raise --max-len")
+    log("settings: " + ", ".join(f"{key}={value}" for key, value in config.to_dict().items()))
+    if dropped:
+        log(f"dropped {dropped} of {len(rows)} rows: their response did not fit in "
+            f"--max-len {config.max_len}")
+
+    torch.manual_seed(config.seed)  # dropout; the data order has its own seeded generator
+    trained_names = select_trainable(model, config.mode)
+    trainable, total = count_parameters(model)
+    log(describe_counts(trainable, total))
+    model.to(device)
+    optimizer = build_optimizer(model, config)
+
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_json(output_dir / "train_config.json", config.to_dict())
+    metrics_log = MetricsLog(output_dir / "metrics.jsonl")
+    reset_peak_memory(device)
+    try:
+        stats = train_loop(model, optimizer, examples, config, pad_id=pad_token_id(tokenizer),
+                           device=device, metrics_log=metrics_log)
+    finally:
+        metrics_log.close()
+
+    if config.mode == "bitfit":
+        save_bias_delta(output_dir / BIAS_FILE, model, trained_names, base_model=config.model)
+    else:
+        save_model_folder(output_dir / "model", model, tokenizer)
+    summary = {
+        "mode": config.mode,
+        "model": config.model,
+        "data": config.data,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": 100 * trainable / total,
+        **stats,
+        "samples_per_s": stats["samples"] / stats["seconds"],
+        "tokens_per_s": stats["tokens"] / stats["seconds"],
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "device": device_name(device),
+        "dtype": config.dtype,
+        "dropped_rows": dropped,
+    }
+    save_json(output_dir / "summary.json", summary)
+    log(format_summary(summary))
+    return summary
+
+
+def build_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
+    # The optimizer only ever sees the trainable tensors: in BitFit, AdamW's two moment
+    # buffers are then as small as the biases themselves, one of BitFit's memory savings.
+    return torch.optim.AdamW(trainable_parameters(model), lr=config.lr,
+                             weight_decay=config.weight_decay)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

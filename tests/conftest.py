@@ -1,0 +1,69 @@
+"""Shared fixtures: a tiny GPT-2 and tokenizer saved to a temp folder, and small alpaca files.
+
+The model is saved and reloaded so that tests go through the real from_pretrained path.
+Dropout is off so that runs are deterministic and equivalences hold to float rounding.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bitfit.model import tiny_gpt2_config, train_tokenizer  # noqa: E402
+
+ROWS = [
+    {"instruction": "Name three primary colors.", "input": "", "output": "Red, yellow and blue."},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "2 plus 3 is 5."},
+    {"instruction": "Give the opposite of the word.", "input": "cold", "output": "The opposite of cold is hot."},
+    {"instruction": "Say hello politely.", "input": "", "output": "Hello, it is a pleasure to meet you."},
+    {"instruction": "List two fruits.", "input": "", "output": "Apples and pears."},
+    {"instruction": "Rewrite the sentence in the past tense.", "input": "I walk to school.",
+     "output": "I walked to school."},
+    {"instruction": "What is the capital of France?", "input": "", "output": "Paris is the capital of France."},
+    {"instruction": "Count the words.", "input": "one two three four", "output": "There are four words."},
+    {"instruction": "Explain what a bias term is in one sentence.", "input": "",
+     "output": "A bias is a learned constant added to a layer's output, shifting it without "
+               "looking at the input."},
+    {"instruction": "Name a large animal.", "input": "", "output": "The elephant."},
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_texts():
+    texts = []
+    for row in ROWS:
+        texts += [row["instruction"], row["input"], row["output"], "Human: \n\nAssistant: "]
+    return texts * 4
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_texts):
+    """A 2-layer GPT-2 (random weights, dropout off) and its tokenizer, saved to disk."""
+    from transformers import GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    tokenizer = train_tokenizer(tokenizer_texts, vocab_size=400)
+    config = tiny_gpt2_config(tokenizer, n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config)
+    # Random init leaves biases at zero; give them values so tests can see them move and reload.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.02)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def alpaca_file(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(ROWS))
+    return str(path)
