@@ -5,6 +5,7 @@ the run folder is touched, so a bad command never overwrites an earlier run's fi
 """
 
 import platform
+import textwrap
 from pathlib import Path
 
 import torch
@@ -31,7 +32,8 @@ def run(config: TrainConfig, log=print) -> dict:
     if not examples:
         raise InputError(f"every one of the {len(rows)} rows was dropped: no response token fits "
                          f"in --max-len {config.max_len}; raise --max-len")
-    log("settings: " + ", ".join(f"{key}={value}" for key, value in config.to_dict().items()))
+    log(textwrap.fill("settings: " + "  ".join(f"{key}={value}" for key, value in config.to_dict().items()),
+                      width=100, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False))
     if dropped:
         log(f"dropped {dropped} of {len(rows)} rows: their response did not fit in "
             f"--max-len {config.max_len}")

@@ -1,0 +1,128 @@
+"""The command-line tools: a default run end to end, and one clear line for each bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import generate
+import train
+from bitfit.cli import run_main
+from conftest import ROOT
+
+
+def cli(main, argv, capsys):
+    """Run a CLI's main in-process; return (exit status, stdout, stderr)."""
+    try:
+        status = run_main(main, argv)
+    except SystemExit as exit:  # argparse's own usage errors
+        status = exit.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def script(*args, cwd):
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_default_run_end_to_end_then_generate(tmp_path):
+    out = tmp_path / "bitfit"
+    done = script(ROOT / "train.py", "--mode", "bitfit", "--output-dir", out, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    required = {"mode", "model", "trainable_params", "total_params", "trainable_percent",
+                "optimizer_steps", "samples", "tokens", "train_loss", "seconds", "samples_per_s",
+                "tokens_per_s", "peak_memory_bytes", "peak_rss_bytes", "device", "dropped_rows"}
+    assert required <= set(summary)
+    assert summary["mode"] == "bitfit" and summary["peak_memory_bytes"] is None  # CPU
+    assert 0 < summary["trainable_percent"] < 1
+    assert summary["optimizer_steps"] == -(-summary["samples"] // 8)  # batch 1 x accum 8, 1 epoch
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines][:2] == [10, 20]
+    assert lines[-1]["step"] == summary["optimizer_steps"]
+    assert lines[-1]["loss"] < lines[0]["loss"]  # the biases learn something
+    assert (out / "bias.safetensors").stat().st_size < 200_000
+    assert "train loss" in done.stdout and "trainable params" in done.stdout
+
+    shown = script(ROOT / "generate.py", "--bias", out, "--compare", "--max-new-tokens", "8",
+                   cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "### Base model" in shown.stdout and "### With bias delta" in shown.stdout
+
+
+def test_full_mode_writes_a_loadable_model_folder(tiny_model_dir, alpaca_file, tmp_path, capsys):
+    out = tmp_path / "full"
+    status, stdout, err = cli(train.main, ["--mode", "full", "--model", tiny_model_dir, "--data",
+                                           alpaca_file, "--max-steps", "2", "--output-dir", str(out)],
+                              capsys)
+    assert status == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["trainable_params"] == summary["total_params"]
+    status, stdout, err = cli(generate.main, ["--model", str(out / "model"), "--max-new-tokens", "4"],
+                              capsys)
+    assert status == 0, err
+    assert "### Base model" in stdout
+
+
+def bad_runs(tmp_path, tiny_model_dir, alpaca_file):
+    not_json = tmp_path / "broken.json"
+    not_json.write_text("{oops")
+    empty = tmp_path / "empty.json"
+    empty.write_text("")
+    no_output = tmp_path / "no_output.json"
+    no_output.write_text(json.dumps([{"instruction": "a", "response": "b"}]))
+    data = ["--model", tiny_model_dir, "--data", alpaca_file]
+    return {
+        "missing data file": (["--data", str(tmp_path / "nope.json")], "data file not found"),
+        "invalid json": (["--data", str(not_json)], "not a valid JSON file"),
+        "empty data file": (["--data", str(empty)], "data file is empty"),
+        "missing column": (["--data", str(no_output)], "missing column(s) output"),
+        "missing model": (["--model", str(tmp_path / "no-model")], "model folder not found"),
+        "unknown mode": (["--mode", "lora"], "invalid choice: 'lora'"),
+        "batch size": ([*data, "--batch-size", "0"], "--batch-size must be a positive number"),
+        "grad accum": ([*data, "--grad-accum", "-2"], "--grad-accum must be a positive number"),
+        "max len": ([*data, "--max-len", "0"], "--max-len must be a positive number"),
+        "lr": ([*data, "--lr", "0"], "--lr must be a positive number"),
+        "all rows dropped": ([*data, "--max-len", "4"], "rows was dropped"),
+        "non-finite loss": ([*data, "--lr", "1e30", "--max-steps", "4"], "non-finite at optimizer step"),
+    }
+
+
+CASES = ["missing data file", "invalid json", "empty data file", "missing column", "missing model",
+         "unknown mode", "batch size", "grad accum", "max len", "lr", "all rows dropped",
+         "non-finite loss"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_gives_one_line_and_keeps_earlier_files(case, tmp_path, tiny_model_dir, alpaca_file,
+                                                         capsys):
+    argv, expected = bad_runs(tmp_path, tiny_model_dir, alpaca_file)[case]
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "bias.safetensors").write_bytes(b"an earlier run's delta")
+    (out / "summary.json").write_text("{}")
+    status, _, err = cli(train.main, [*argv, "--output-dir", str(out)], capsys)
+    lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]  # drop tqdm
+    assert status == 2
+    assert len(lines) == 1 and expected in lines[0], err
+    assert (out / "bias.safetensors").read_bytes() == b"an earlier run's delta"
+    assert (out / "summary.json").read_text() == "{}"
+
+
+def test_bad_input_from_the_real_script_has_no_traceback(tmp_path):
+    done = script(ROOT / "train.py", "--data", tmp_path / "missing.json", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"error: data file not found: {tmp_path / 'missing.json'}"]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--bias", "no/such/run"], "bias delta not found"),
+    (["--compare"], "--compare needs --bias"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be a positive number"),
+])
+def test_generate_rejects_bad_input_in_one_line(argv, expected, capsys):
+    status, _, err = cli(generate.main, argv, capsys)
+    assert status == 2
+    assert err.count("\n") == 1 and expected in err
