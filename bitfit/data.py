@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from bitfit.errors import InputError
+from bitfit.errors import InputError, library_logs_silenced
 
 IGNORE_INDEX = -100  # cross_entropy skips targets with this value
 REQUIRED_COLUMNS = ("instruction", "output")
@@ -52,18 +52,15 @@ def _load_dataset(source: str, split: str):
     path = Path(source)
     if path.suffix.lower() in LOCAL_FORMATS or path.exists():
         file_format = _check_local_file(path)
-        # datasets logs its parser errors itself; ours is the one line the user should see.
-        verbosity = datasets.logging.get_verbosity()
-        datasets.logging.set_verbosity(datasets.logging.CRITICAL)
         try:
-            return datasets.load_dataset(file_format, data_files=str(path), split="train")
+            with library_logs_silenced():
+                return datasets.load_dataset(file_format, data_files=str(path), split="train")
         except Exception as error:  # datasets wraps parser errors in its own types
             raise InputError(f"{source}: not a valid {file_format.upper()} file of rows "
                              f"({_root_cause(error)})") from None
-        finally:
-            datasets.logging.set_verbosity(verbosity)
     try:
-        return datasets.load_dataset(source, split=split)
+        with library_logs_silenced():
+            return datasets.load_dataset(source, split=split)
     except Exception as error:
         raise InputError(f"could not load dataset {source!r} split {split!r}: it is not a local "
                          f"file and the hub did not provide it ({_root_cause(error)})") from None

@@ -1,4 +1,7 @@
-"""The one exception type that means "the user can fix this"."""
+"""The one exception type that means "the user can fix this", and quiet loading."""
+
+import contextlib
+import logging
 
 
 class InputError(Exception):
@@ -7,3 +10,21 @@ class InputError(Exception):
     The command-line tools print it as a single line and exit with status 2. Everything
     else that goes wrong inside the package is a bug and is allowed to raise normally.
     """
+
+
+@contextlib.contextmanager
+def library_logs_silenced():
+    """Hush the Hugging Face libraries' own warnings and retries while loading.
+
+    When a load fails they log their view of it (parser errors, network retries) before
+    raising; the user should see one line, ours, which names the file or id they gave.
+    """
+    loggers = [logging.getLogger(name) for name in ("datasets", "transformers", "huggingface_hub")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)

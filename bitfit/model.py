@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from bitfit.config import ASSETS, DEFAULT_MODEL
-from bitfit.errors import InputError
+from bitfit.errors import InputError, library_logs_silenced
 
 TINY_GPT2_DIR = ASSETS / "tiny-gpt2"
 TINY_GPT2_SEED = 0
@@ -21,9 +21,10 @@ def load_model_and_tokenizer(name: str, dtype: str = "fp32"):
         return _load_builtin_tiny_gpt2(dtype)
     _check_model_source(name)
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
-        # Ask for the dtype explicitly: many hub checkpoints are stored in fp16/bf16.
-        model = transformers.AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype])
+        with library_logs_silenced():
+            tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+            # Ask for the dtype explicitly: many hub checkpoints are stored in fp16/bf16.
+            model = transformers.AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype])
     except (OSError, ValueError, KeyError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(f"could not load model {name!r}: {first_line}") from None
