@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from bitfit.errors import InputError
+from bitfit.errors import InputError, Interrupted
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -20,4 +20,7 @@ def run_main(main, argv=None) -> int:
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        print(f"stopped: {stop}", file=sys.stderr)
+        return 130  # the shell's convention for "ended by Ctrl-C"
     return 0

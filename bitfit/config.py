@@ -42,6 +42,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 42
     log_every: int = 10  # optimizer steps between lines in metrics.jsonl
+    eval_size: float | None = None  # rows held out for evaluation: a count, or a fraction if < 1
+    eval_every: int | None = None  # optimizer steps between evaluations (also before and after)
+    save_every: int | None = None  # optimizer steps between resumable checkpoints
     output_dir: str | None = None  # None means runs/<mode>
     device: str = "auto"
     dtype: str = "fp32"
@@ -54,9 +57,15 @@ class TrainConfig:
                             ("--max-len", self.max_len), ("--epochs", self.epochs),
                             ("--log-every", self.log_every)]:
             _check_positive(flag, value)
-        for flag, value in [("--limit", self.limit), ("--max-steps", self.max_steps)]:
+        for flag, value in [("--limit", self.limit), ("--max-steps", self.max_steps),
+                            ("--eval-size", self.eval_size), ("--eval-every", self.eval_every),
+                            ("--save-every", self.save_every)]:
             if value is not None:
                 _check_positive(flag, value)
+        if self.eval_size is not None and self.eval_size > 1 and self.eval_size != int(self.eval_size):
+            raise InputError(f"--eval-size must be a row count or a fraction below 1, got {self.eval_size}")
+        if self.eval_every is not None and self.eval_size is None:
+            raise InputError("--eval-every needs --eval-size: there is nothing to evaluate on")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.mode]
         _check_positive("--lr", self.lr)

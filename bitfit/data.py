@@ -41,6 +41,20 @@ def load_rows(source: str, split: str = "train", limit: int | None = None) -> li
              "output": _text(row["output"])} for row in dataset]
 
 
+def split_rows(rows: list[dict], eval_size: float | None, seed: int) -> tuple[list[dict], list[dict]]:
+    """Hold out eval rows: a seeded random choice, disjoint from the rows left to train on."""
+    if eval_size is None:
+        return rows, []
+    count = round(eval_size * len(rows)) if eval_size < 1 else int(eval_size)
+    if not 1 <= count < len(rows):
+        raise InputError(f"--eval-size {eval_size} leaves no rows to train on or none to evaluate "
+                         f"on: the data has {len(rows)} rows")
+    generator = torch.Generator().manual_seed(seed)
+    held_out = set(torch.randperm(len(rows), generator=generator)[:count].tolist())
+    return ([row for i, row in enumerate(rows) if i not in held_out],
+            [row for i, row in enumerate(rows) if i in held_out])
+
+
 def _text(value) -> str:
     return "" if value is None else str(value)
 
@@ -95,6 +109,8 @@ def tokenize_rows(rows: list[dict], tokenizer, max_len: int) -> tuple[list[dict]
     """
     if tokenizer.eos_token_id is None:
         raise InputError("the tokenizer has no eos token; one is needed to end each response")
+    if not rows:
+        return [], 0
     prompts = [format_prompt(row["instruction"], row["input"]) for row in rows]
     responses = [row["output"] for row in rows]
     # The prompt gets the tokenizer's own special tokens (a BOS where the model expects one),

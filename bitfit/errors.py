@@ -28,3 +28,7 @@ def library_logs_silenced():
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+class Interrupted(Exception):
+    """Training stopped on Ctrl-C after saving a checkpoint; the CLIs exit with status 130."""

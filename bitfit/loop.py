@@ -1,112 +1,151 @@
 """The training loop: the one function to read to see what a training step does."""
 
 import math
+import signal
+import threading
 import time
 
 import torch
 from tqdm import tqdm
 
 from bitfit.data import collate, optimizer_windows
-from bitfit.errors import InputError
+from bitfit.errors import InputError, Interrupted
 from bitfit.loss import causal_lm_loss_sum, label_token_count
+from bitfit.metrics import perplexity
+from bitfit.resume import save_training_state
 
 
 class NonFiniteLoss(InputError):
     """The loss or the gradient became inf/nan; the weights were not updated with it."""
 
 
-def train_loop(model, optimizer, examples, config, *, pad_id, device, metrics_log=None) -> dict:
-    """Train for config's epochs (or max_steps) and return what was done and how fast."""
+def new_progress() -> dict:
+    """Where a run stands: saved in checkpoints, so a resumed run carries on the same counts."""
+    return {"step": 0, "epoch": 0, "position": 0, "samples": 0, "tokens": 0, "label_tokens": 0,
+            "loss_sum": 0.0, "log_loss_sum": 0.0, "log_label_tokens": 0, "seconds": 0.0,
+            "eval_loss_before": None, "eval_loss_after": None}
+
+
+def train_loop(model, optimizer, examples, config, *, pad_id, device, metrics_log=None,
+               eval_examples=(), progress=None) -> dict:
+    """Train from progress (a fresh run when None) to config's epochs or max_steps.
+
+    Returns the final progress: steps, samples, tokens, loss and eval sums, training seconds.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     total_steps = count_optimizer_steps(len(examples), config)
     warmup_steps = int(config.warmup_ratio * total_steps)
-    windows = iter_windows(len(examples), config)
-    totals = {"samples": 0, "tokens": 0, "label_tokens": 0, "loss_sum": 0.0}
-    since_log = {"loss_sum": 0.0, "label_tokens": 0}
+    run = progress or new_progress()
+    log = metrics_log.write if metrics_log is not None else (lambda record: None)
+    if eval_examples and run["step"] == 0:
+        run["eval_loss_before"] = evaluate(model, eval_examples, config.batch_size, pad_id, device)
+        log(eval_record(0, run["eval_loss_before"]))
 
     model.train()
-    progress = tqdm(total=total_steps, desc=config.mode, unit="step", dynamic_ncols=True)
-    start = time.perf_counter()
-    for step in range(total_steps):
-        epoch, window = next(windows)
-        lr = learning_rate(step, total_steps, warmup_steps, config.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    windows = iter_windows(len(examples), config, run["epoch"], run["position"])
+    bar = tqdm(total=total_steps, initial=run["step"], desc=config.mode, unit="step", dynamic_ncols=True)
+    with StopOnCtrlC() as ctrl_c:
+        for step in range(run["step"], total_steps):
+            step_start = time.perf_counter()
+            epoch, position, window = next(windows)
+            lr = learning_rate(step, total_steps, warmup_steps, config.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
-        # Collate the whole window first: the loss normaliser is its number of label tokens.
-        batches = [collate([examples[i] for i in ids], pad_id) for ids in window]
-        window_label_tokens = sum(label_token_count(batch["labels"]) for batch in batches)
-        window_loss_sum = torch.zeros((), device=device)
-        for batch in batches:
-            batch = {key: value.to(device) for key, value in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss_sum = causal_lm_loss_sum(logits, batch["labels"])
-            # Divide by the label tokens of the whole window, not of this micro-batch: every
-            # token then weighs the same however the window is split, so batch 1 x accum 8
-            # and batch 8 x accum 1 produce the same gradient. (A per-micro-batch mean would
-            # make a 5-token answer count as much as a 200-token one.)
-            (loss_sum / window_label_tokens).backward()
-            window_loss_sum += loss_sum.detach()
-            totals["samples"] += batch["input_ids"].size(0)
-            totals["tokens"] += int(batch["attention_mask"].sum())
+            # Collate the whole window first: the loss normaliser is its number of label tokens.
+            batches = [collate([examples[i] for i in ids], pad_id) for ids in window]
+            window_label_tokens = sum(label_token_count(batch["labels"]) for batch in batches)
+            window_loss_sum = torch.zeros((), device=device)
+            for batch in batches:
+                batch = {key: value.to(device) for key, value in batch.items()}
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss_sum = causal_lm_loss_sum(logits, batch["labels"])
+                # Divide by the label tokens of the whole window, not of this micro-batch: every
+                # token then weighs the same however the window is split, so batch 1 x accum 8
+                # and batch 8 x accum 1 produce the same gradient. (A per-micro-batch mean would
+                # make a 5-token answer count as much as a 200-token one.)
+                (loss_sum / window_label_tokens).backward()
+                window_loss_sum += loss_sum.detach()
+                run["samples"] += batch["input_ids"].size(0)
+                run["tokens"] += int(batch["attention_mask"].sum())
 
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        window_loss_sum = window_loss_sum.item()
-        if not (math.isfinite(window_loss_sum) and math.isfinite(grad_norm.item())):
-            progress.close()
-            raise NonFiniteLoss(f"the loss became non-finite at optimizer step {step + 1} of "
-                                f"{total_steps} (loss sum {window_loss_sum}, grad norm "
-                                f"{grad_norm.item()}); stopped without saving, files already in "
-                                f"{config.output_dir} are untouched; try a lower --lr")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm).item()
+            window_loss_sum = window_loss_sum.item()
+            if not (math.isfinite(window_loss_sum) and math.isfinite(grad_norm)):
+                bar.close()
+                raise NonFiniteLoss(f"the loss became non-finite at optimizer step {step + 1} of "
+                                    f"{total_steps} (loss sum {window_loss_sum}, grad norm {grad_norm}); "
+                                    f"stopped without saving, files already in {config.output_dir} "
+                                    f"are untouched; try a lower --lr")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        totals["loss_sum"] += window_loss_sum
-        totals["label_tokens"] += window_label_tokens
-        since_log["loss_sum"] += window_loss_sum
-        since_log["label_tokens"] += window_label_tokens
-        elapsed = time.perf_counter() - start
-        loss = window_loss_sum / window_label_tokens
-        progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{totals['tokens'] / elapsed:,.0f}")
-        progress.update(1)
-        if metrics_log is not None and ((step + 1) % config.log_every == 0 or step + 1 == total_steps):
-            metrics_log.write({
-                "step": step + 1, "epoch": epoch, "lr": lr, "grad_norm": grad_norm.item(),
-                "loss": since_log["loss_sum"] / since_log["label_tokens"],
-                "samples": totals["samples"], "tokens": totals["tokens"],
-                "elapsed_s": round(elapsed, 3), "tokens_per_s": totals["tokens"] / elapsed,
-            })
-            since_log = {"loss_sum": 0.0, "label_tokens": 0}
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    progress.close()
-    return {
-        "optimizer_steps": total_steps,
-        "samples": totals["samples"],
-        "tokens": totals["tokens"],
-        "label_tokens": totals["label_tokens"],
-        # Token-weighted over the run, like each step's loss: total loss / total label tokens.
-        "train_loss": totals["loss_sum"] / totals["label_tokens"],
-        "seconds": seconds,
-    }
+            run.update(step=step + 1, epoch=epoch, position=position + 1)
+            run["seconds"] += time.perf_counter() - step_start
+            run["loss_sum"] += window_loss_sum
+            run["label_tokens"] += window_label_tokens
+            run["log_loss_sum"] += window_loss_sum
+            run["log_label_tokens"] += window_label_tokens
+            bar.set_postfix(loss=f"{window_loss_sum / window_label_tokens:.4f}",
+                            tok_s=f"{run['tokens'] / run['seconds']:,.0f}")
+            bar.update(1)
+            last_step = step + 1 == total_steps
+            if (step + 1) % config.log_every == 0 or last_step:
+                log({"step": step + 1, "epoch": epoch, "lr": lr, "grad_norm": grad_norm,
+                     "loss": run["log_loss_sum"] / run["log_label_tokens"],
+                     "samples": run["samples"], "tokens": run["tokens"],
+                     "seconds": round(run["seconds"], 3), "tokens_per_s": run["tokens"] / run["seconds"]})
+                run.update(log_loss_sum=0.0, log_label_tokens=0)
+            if eval_examples and (last_step or (config.eval_every and (step + 1) % config.eval_every == 0)):
+                run["eval_loss_after"] = evaluate(model, eval_examples, config.batch_size, pad_id, device)
+                log(eval_record(step + 1, run["eval_loss_after"]))
+            if ctrl_c.pressed or (config.save_every and ((step + 1) % config.save_every == 0 or last_step)):
+                save_training_state(config.output_dir, model, optimizer, config, run)
+            if ctrl_c.pressed and not last_step:
+                bar.close()
+                raise Interrupted(f"checkpoint saved at optimizer step {step + 1} of {total_steps} in "
+                                  f"{config.output_dir}; continue with: python train.py --resume "
+                                  f"{config.output_dir}")
+    bar.close()
+    return run
+
+
+@torch.no_grad()
+def evaluate(model, examples, batch_size, pad_id, device) -> float:
+    """Token-weighted mean loss over examples, with dropout off, like the training loss."""
+    model.eval()
+    loss_sum, label_tokens = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = {key: value.to(device) for key, value in
+                 collate(examples[start:start + batch_size], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss_sum += causal_lm_loss_sum(logits, batch["labels"]).item()
+        label_tokens += label_token_count(batch["labels"])
+    model.train()
+    return loss_sum / label_tokens
+
+
+def eval_record(step: int, loss: float) -> dict:
+    return {"step": step, "eval_loss": loss, "eval_perplexity": perplexity(loss)}
 
 
 def count_optimizer_steps(num_examples: int, config) -> int:
     if config.max_steps is not None:
         return config.max_steps
-    micro_batches = math.ceil(num_examples / config.batch_size)
-    return config.epochs * math.ceil(micro_batches / config.grad_accum)
+    return config.epochs * windows_per_epoch(num_examples, config)
 
 
-def iter_windows(num_examples: int, config):
-    """Yield (epoch, window) forever, reshuffling at each epoch; the loop takes what it needs."""
-    epoch = 0
+def windows_per_epoch(num_examples: int, config) -> int:
+    return math.ceil(math.ceil(num_examples / config.batch_size) / config.grad_accum)
+
+
+def iter_windows(num_examples: int, config, epoch: int = 0, position: int = 0):
+    """Yield (epoch, position, window) from the given point on, reshuffling at each new epoch."""
     while True:
-        for window in optimizer_windows(num_examples, config.batch_size, config.grad_accum,
-                                        config.seed, epoch):
-            yield epoch, window
-        epoch += 1
+        windows = optimizer_windows(num_examples, config.batch_size, config.grad_accum, config.seed, epoch)
+        for index in range(position, len(windows)):
+            yield epoch, index, windows[index]
+        epoch, position = epoch + 1, 0
 
 
 def learning_rate(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
@@ -114,3 +153,24 @@ def learning_rate(step: int, total_steps: int, warmup_steps: int, peak_lr: float
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
     return peak_lr * (total_steps - step) / (total_steps - warmup_steps)
+
+
+class StopOnCtrlC:
+    """While training, Ctrl-C asks for a stop after the current step (with a checkpoint);
+    a second Ctrl-C stops at once."""
+
+    def __enter__(self):
+        self.pressed = False
+        self.active = threading.current_thread() is threading.main_thread()  # signals need it
+        if self.active:
+            self.previous = signal.signal(signal.SIGINT, self._on_ctrl_c)
+        return self
+
+    def _on_ctrl_c(self, signum, frame):
+        self.pressed = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        tqdm.write("Ctrl-C: stopping after this step and saving a checkpoint (press again to quit now)")
+
+    def __exit__(self, *exc_info):
+        if self.active:
+            signal.signal(signal.SIGINT, self.previous)

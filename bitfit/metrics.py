@@ -1,10 +1,13 @@
 """Memory, throughput and the end-of-run summary: numbers with units a person can read."""
 
 import json
+import math
 import resource
 from pathlib import Path
 
 import torch
+
+from bitfit.checkpoint import atomic_write
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -24,11 +27,25 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-class MetricsLog:
-    """metrics.jsonl: one JSON object per line, flushed as written so a crash keeps the lines."""
+def perplexity(loss: float | None) -> float | None:
+    return None if loss is None else math.exp(min(loss, 700))  # exp(710) overflows a float
 
-    def __init__(self, path: Path):
-        self.file = open(path, "w")
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, flushed as written so a crash keeps the lines.
+
+    A resumed run keeps the lines up to its checkpoint's step and drops any written after it,
+    which the resumed run is about to write again.
+    """
+
+    def __init__(self, path: Path, keep_through_step: int | None = None):
+        if keep_through_step is not None and path.exists():
+            kept = [line + "\n" for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= keep_through_step]
+            atomic_write(path, lambda tmp: tmp.write_text("".join(kept)))
+            self.file = open(path, "a")
+        else:
+            self.file = open(path, "w")
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")

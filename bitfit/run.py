@@ -13,29 +13,36 @@ import torch
 from bitfit.bias import count_parameters, describe_counts, select_trainable, trainable_parameters
 from bitfit.checkpoint import BIAS_FILE, save_bias_delta, save_json, save_model_folder
 from bitfit.config import TrainConfig
-from bitfit.data import load_rows, tokenize_rows
+from bitfit.data import load_rows, split_rows, tokenize_rows
 from bitfit.errors import InputError
-from bitfit.loop import train_loop
-from bitfit.metrics import (MetricsLog, format_summary, peak_memory_bytes, peak_rss_bytes,
+from bitfit.loop import count_optimizer_steps, train_loop
+from bitfit.metrics import (MetricsLog, format_summary, peak_memory_bytes, peak_rss_bytes, perplexity,
                             reset_peak_memory)
 from bitfit.model import load_model_and_tokenizer, pad_token_id, resolve_device
+from bitfit.resume import restore_training_state
 
 
-def run(config: TrainConfig, log=print) -> dict:
-    """Train as config says, write the run folder, and return the summary."""
+def run(config: TrainConfig, resume_state: dict | None = None, log=print) -> dict:
+    """Train as config says (continuing from resume_state if given), write the run folder,
+    and return the summary."""
     device = resolve_device(config.device)
     rows = load_rows(config.data, config.split, config.limit)
+    train_rows, eval_rows = split_rows(rows, config.eval_size, config.seed)
     # Both modes start from the same fresh pretrained weights: never chain one mode's result
     # into the other, or the comparison measures the chain rather than the method.
     model, tokenizer = load_model_and_tokenizer(config.model, config.dtype)
-    examples, dropped = tokenize_rows(rows, tokenizer, config.max_len)
+    examples, dropped = tokenize_rows(train_rows, tokenizer, config.max_len)
+    eval_examples, eval_dropped = tokenize_rows(eval_rows, tokenizer, config.max_len)
     if not examples:
-        raise InputError(f"every one of the {len(rows)} rows was dropped: no response token fits "
-                         f"in --max-len {config.max_len}; raise --max-len")
+        raise InputError(f"every one of the {len(train_rows)} training rows was dropped: no response "
+                         f"token fits in --max-len {config.max_len}; raise --max-len")
+    if eval_rows and not eval_examples:
+        raise InputError(f"every one of the {len(eval_rows)} held-out rows was dropped by --max-len "
+                         f"{config.max_len}; raise --max-len or --eval-size")
     log(textwrap.fill("settings: " + "  ".join(f"{key}={value}" for key, value in config.to_dict().items()),
                       width=100, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False))
-    if dropped:
-        log(f"dropped {dropped} of {len(rows)} rows: their response did not fit in "
+    if dropped or eval_dropped:
+        log(f"dropped {dropped + eval_dropped} of {len(rows)} rows: their response did not fit in "
             f"--max-len {config.max_len}")
 
     torch.manual_seed(config.seed)  # dropout; the data order has its own seeded generator
@@ -44,15 +51,25 @@ def run(config: TrainConfig, log=print) -> dict:
     log(describe_counts(trainable, total))
     model.to(device)
     optimizer = build_optimizer(model, config)
+    progress = None
+    if resume_state is not None:
+        progress = restore_training_state(resume_state, model, optimizer)
+        total_steps = count_optimizer_steps(len(examples), config)
+        if progress["step"] >= total_steps:
+            raise InputError(f"the run in {config.output_dir} already reached step {progress['step']} "
+                             f"of {total_steps}; pass a larger --max-steps or --epochs to extend it")
+        log(f"resuming at optimizer step {progress['step']} of {total_steps}")
 
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     save_json(output_dir / "train_config.json", config.to_dict())
-    metrics_log = MetricsLog(output_dir / "metrics.jsonl")
+    metrics_log = MetricsLog(output_dir / "metrics.jsonl",
+                             keep_through_step=progress["step"] if progress else None)
     reset_peak_memory(device)
     try:
-        stats = train_loop(model, optimizer, examples, config, pad_id=pad_token_id(tokenizer),
-                           device=device, metrics_log=metrics_log)
+        progress = train_loop(model, optimizer, examples, config, pad_id=pad_token_id(tokenizer),
+                              device=device, metrics_log=metrics_log, eval_examples=eval_examples,
+                              progress=progress)
     finally:
         metrics_log.close()
 
@@ -60,25 +77,42 @@ def run(config: TrainConfig, log=print) -> dict:
         save_bias_delta(output_dir / BIAS_FILE, model, trained_names, base_model=config.model)
     else:
         save_model_folder(output_dir / "model", model, tokenizer)
-    summary = {
+    summary = build_summary(config, progress, trainable=trainable, total=total, device=device,
+                            dropped_rows=dropped + eval_dropped, eval_rows=len(eval_examples))
+    save_json(output_dir / "summary.json", summary)
+    log(format_summary(summary))
+    return summary
+
+
+def build_summary(config, progress, *, trainable, total, device, dropped_rows, eval_rows) -> dict:
+    seconds = progress["seconds"]
+    return {
         "mode": config.mode,
         "model": config.model,
         "data": config.data,
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": 100 * trainable / total,
-        **stats,
-        "samples_per_s": stats["samples"] / stats["seconds"],
-        "tokens_per_s": stats["tokens"] / stats["seconds"],
+        "optimizer_steps": progress["step"],
+        "samples": progress["samples"],
+        "tokens": progress["tokens"],
+        "label_tokens": progress["label_tokens"],
+        # Token-weighted over the run, like each step's loss: total loss / total label tokens.
+        "train_loss": progress["loss_sum"] / progress["label_tokens"],
+        "seconds": seconds,
+        "samples_per_s": progress["samples"] / seconds,
+        "tokens_per_s": progress["tokens"] / seconds,
         "peak_memory_bytes": peak_memory_bytes(device),
         "peak_rss_bytes": peak_rss_bytes(),
         "device": device_name(device),
         "dtype": config.dtype,
-        "dropped_rows": dropped,
+        "dropped_rows": dropped_rows,
+        "eval_rows": eval_rows,
+        "eval_loss_before": progress["eval_loss_before"],
+        "eval_loss_after": progress["eval_loss_after"],
+        "eval_perplexity_before": perplexity(progress["eval_loss_before"]),
+        "eval_perplexity_after": perplexity(progress["eval_loss_after"]),
     }
-    save_json(output_dir / "summary.json", summary)
-    log(format_summary(summary))
-    return summary
 
 
 def build_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:

@@ -1,0 +1,154 @@
+"""Evaluation on held-out rows, checkpoints, --resume and Ctrl-C."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import train
+from bitfit.cli import run_main
+from bitfit.config import TrainConfig
+from bitfit.data import IGNORE_INDEX, load_rows, split_rows, tokenize_rows
+from bitfit.errors import Interrupted
+from bitfit.metrics import MetricsLog
+from bitfit.model import load_model_and_tokenizer
+from bitfit.resume import load_training_state
+from bitfit.run import run
+from conftest import ROOT
+
+TIMING = {"seconds", "tokens_per_s"}
+
+
+def settings(tiny_model_dir, alpaca_file, output_dir, **overrides):
+    return TrainConfig(**{"model": tiny_model_dir, "data": alpaca_file, "output_dir": str(output_dir),
+                          "batch_size": 2, "grad_accum": 2, "max_steps": 4, "log_every": 1,
+                          "eval_size": 2, "eval_every": 1, **overrides})
+
+
+def metric_lines(folder):
+    lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if k not in TIMING} for line in lines]
+
+
+def test_held_out_rows_are_seeded_and_disjoint(alpaca_file):
+    rows = load_rows(alpaca_file)
+    train_rows, eval_rows = split_rows(rows, 0.3, seed=1)
+    assert len(eval_rows) == 3 and len(train_rows) == 7
+    assert sorted(map(json.dumps, train_rows + eval_rows)) == sorted(map(json.dumps, rows))
+    assert split_rows(rows, 3, seed=1) == (train_rows, eval_rows)
+    assert split_rows(rows, 3, seed=2) != (train_rows, eval_rows)
+
+
+def test_eval_loss_before_is_the_base_models_token_weighted_loss(tiny_model_dir, alpaca_file, tmp_path):
+    config = settings(tiny_model_dir, alpaca_file, tmp_path, eval_size=3, max_steps=2)
+    summary = run(config, log=lambda message: None)
+    model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
+    _, eval_rows = split_rows(load_rows(alpaca_file), 3, seed=config.seed)
+    examples, _ = tokenize_rows(eval_rows, tokenizer, config.max_len)
+    with torch.no_grad():
+        losses = [F.cross_entropy(model(input_ids=torch.tensor([e["input_ids"]])).logits[0, :-1],
+                                  torch.tensor(e["labels"][1:]), ignore_index=IGNORE_INDEX, reduction="sum")
+                  for e in examples]
+    tokens = sum(sum(label != IGNORE_INDEX for label in e["labels"][1:]) for e in examples)
+    assert summary["eval_loss_before"] == pytest.approx(float(sum(losses)) / tokens, rel=1e-5)
+    assert summary["eval_perplexity_after"] == pytest.approx(torch.exp(torch.tensor(summary["eval_loss_after"])).item())
+    evals = [line for line in metric_lines(tmp_path) if "eval_loss" in line]
+    assert [line["step"] for line in evals] == [0, 1, 2]
+
+
+def test_resume_gives_the_same_biases_and_metrics_as_a_straight_run(tiny_model_dir, alpaca_file, tmp_path,
+                                                                     monkeypatch):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run(settings(tiny_model_dir, alpaca_file, straight), log=lambda message: None)
+
+    write = MetricsLog.write
+
+    def ctrl_c_after_step_two(self, record):  # as if the user pressed Ctrl-C during step 2
+        write(self, record)
+        if record["step"] == 2 and "loss" in record:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(MetricsLog, "write", ctrl_c_after_step_two)
+    with pytest.raises(Interrupted, match="checkpoint saved at optimizer step 2 of 4"):
+        run(settings(tiny_model_dir, alpaca_file, stopped), log=lambda message: None)
+    monkeypatch.setattr(MetricsLog, "write", write)
+    assert not (stopped / "bias.safetensors").exists()
+
+    state = load_training_state(str(stopped))
+    assert state["progress"]["step"] == 2
+    summary = run(settings(tiny_model_dir, alpaca_file, stopped), state, log=lambda message: None)
+    assert summary["optimizer_steps"] == 4
+    expected, resumed = load_file(straight / "bias.safetensors"), load_file(stopped / "bias.safetensors")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6)
+    assert metric_lines(stopped) == metric_lines(straight)
+    straight_summary = json.loads((straight / "summary.json").read_text())
+    assert summary["train_loss"] == pytest.approx(straight_summary["train_loss"], rel=1e-6)
+
+
+def test_a_resumed_run_may_extend_but_not_change_settings(tiny_model_dir, alpaca_file, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    base = ["--model", tiny_model_dir, "--data", alpaca_file, "--output-dir", out, "--max-steps", "2",
+            "--save-every", "1"]
+    assert run_main(train.main, base) == 0
+    assert run_main(train.main, ["--resume", out, "--lr", "0.5"]) == 2
+    assert "--lr 0.5 differs from the resumed run's 0.001" in capsys.readouterr().err
+    assert run_main(train.main, ["--resume", out]) == 2
+    assert "already reached step 2 of 2" in capsys.readouterr().err
+    assert run_main(train.main, ["--resume", out, "--max-steps", "3"]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["optimizer_steps"] == 3
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda folder: None, "no such run folder"),
+    (lambda folder: folder.mkdir(), "no checkpoint.pt in it"),
+    (lambda folder: (folder.mkdir(), (folder / "checkpoint.pt").write_bytes(b"junk")),
+     "not a readable bitfit checkpoint"),
+])
+def test_resume_without_a_usable_checkpoint_is_refused(make, expected, tmp_path, capsys):
+    folder = tmp_path / "run"
+    make(folder)
+    assert run_main(train.main, ["--resume", str(folder)]) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_eval_size_larger_than_the_data_is_refused(tiny_model_dir, alpaca_file, tmp_path, capsys):
+    argv = ["--model", tiny_model_dir, "--data", alpaca_file, "--eval-size", "50", "--output-dir",
+            str(tmp_path / "run")]
+    assert run_main(train.main, argv) == 2
+    assert "--eval-size 50.0 leaves no rows to train on" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path):
+    """The real thing: SIGINT to a training process, then --resume (built-in model, dropout on)."""
+    out = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "train.py"), "--max-steps", "100", "--grad-accum", "1",
+               "--max-len", "48", "--log-every", "1", "--output-dir", str(out)]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while (process.poll() is None and time.monotonic() < deadline
+           and not (metrics.exists() and metrics.read_text().count("\n") >= 2)):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "checkpoint saved at optimizer step" in stderr and "Traceback" not in stderr
+    stopped_at = load_training_state(str(out))["progress"]["step"]
+    assert 0 < stopped_at < 100
+
+    resumed = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", str(out)], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming at optimizer step {stopped_at} of 100" in resumed.stdout
+    assert json.loads((out / "summary.json").read_text())["optimizer_steps"] == 100
+    steps = [line["step"] for line in metric_lines(out) if "loss" in line]
+    assert steps == list(range(1, 101))
