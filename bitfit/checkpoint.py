@@ -5,6 +5,7 @@ target (a rename within one filesystem is atomic), so a crash leaves the old fil
 one, never half of one.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,7 +18,9 @@ from safetensors.torch import load_file, safe_open, save_file
 from bitfit.errors import InputError
 
 BIAS_FILE = "bias.safetensors"
-DELTA_FORMAT = "bitfit-bias-delta/1"
+# /2 added the tensor listing and the base fingerprint; /1 files still load, unchecked by fingerprint.
+DELTA_FORMAT = "bitfit-bias-delta/2"
+FINGERPRINT_HEAD = 4  # values sampled from the start of each frozen tensor, plus its last
 
 
 def atomic_write(path: Path, write) -> None:
@@ -38,12 +41,42 @@ def save_json(path: Path, data) -> None:
 
 
 def save_bias_delta(path: Path, model: torch.nn.Module, names: list[str], base_model: str) -> None:
-    """Save the named trained tensors, under their state-dict names, with the base they fit."""
+    """Save the named trained tensors, under their state-dict names, with what they must be paired with.
+
+    The metadata (safetensors allows only str -> str) records the base's id or path, the model
+    class, each tensor's shape and dtype, and a fingerprint of the frozen weights, so that
+    applying the delta to the wrong base is refused rather than silently producing nonsense.
+    """
     params = dict(model.named_parameters())
     tensors = {name: params[name].detach().to("cpu", copy=True).contiguous() for name in names}
+    listing = {name: {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+               for name, tensor in tensors.items()}
     metadata = {"format": DELTA_FORMAT, "base_model": base_model,
-                "model_class": type(model).__name__}
+                "model_class": type(model).__name__, "tensors": json.dumps(listing),
+                "base_fingerprint": base_fingerprint(model, names)}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def base_fingerprint(model: torch.nn.Module, delta_names) -> str:
+    """A short hash that tells one base model from another: names, shapes and a few values.
+
+    Only the frozen parameters (those not in the delta) count, since training changes the rest.
+    Hashing whole tensors would read every weight of a 1B model; the first few values and the
+    last of each tensor tell one checkpoint from another (fine-tuning moves nearly every value,
+    though a single edited weight would go unseen), and they reach the CPU in one transfer.
+    They are rounded to bfloat16 first, so the same base loaded in fp32 or bf16 matches.
+    """
+    delta_names = set(delta_names)
+    frozen = sorted(((name, param) for name, param in model.named_parameters() if name not in delta_names),
+                    key=lambda item: item[0])
+    samples = []
+    for _, param in frozen:
+        flat = param.detach().reshape(-1)
+        samples += [flat[:FINGERPRINT_HEAD].to(torch.bfloat16), flat[-1:].to(torch.bfloat16)]
+    values = torch.cat(samples).cpu() if samples else torch.empty(0, dtype=torch.bfloat16)
+    digest = hashlib.sha256(json.dumps([[name, list(param.shape)] for name, param in frozen]).encode())
+    digest.update(values.view(torch.int16).numpy().tobytes())  # numpy has no bfloat16: hash the bits
+    return digest.hexdigest()[:16]
 
 
 def find_bias_file(path: str) -> Path:
@@ -64,12 +97,33 @@ def load_bias_delta(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]
             metadata = handle.metadata() or {}
         tensors = load_file(str(file))
     except (SafetensorError, OSError, ValueError) as error:
-        raise InputError(f"{file}: not a readable safetensors file ({error})") from None
+        # A truncated file fails here too: its header promises more bytes than the file holds.
+        raise InputError(f"{file}: not a readable safetensors file, or a truncated one ({error})") from None
     return tensors, metadata
 
 
-def apply_bias_delta(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy each delta tensor into the model parameter of the same name."""
+def recorded_base(metadatas: list[dict[str, str]]) -> str | None:
+    """The base model the deltas were trained on; refuse deltas that name different ones."""
+    bases = sorted({metadata["base_model"] for metadata in metadatas if metadata.get("base_model")})
+    if len(bases) > 1:
+        raise InputError(f"the bias deltas were trained on different bases ({', '.join(bases)}); "
+                         f"choose one with --model")
+    return bases[0] if bases else None
+
+
+def check_bias_delta(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
+                     metadata: dict[str, str] | None = None, force: bool = False) -> None:
+    """Refuse a delta that does not fit the model: class, tensor names, shapes, base fingerprint.
+
+    force skips only the fingerprint: a delta whose tensors do not fit can never be applied.
+    Files written before fingerprints were recorded are checked on names and shapes alone.
+    """
+    metadata = metadata or {}
+    recorded_class = metadata.get("model_class")
+    if recorded_class and recorded_class != type(model).__name__:
+        raise InputError(f"bias delta was trained on a {recorded_class} "
+                         f"({metadata.get('base_model', 'base not recorded')}), but the model is a "
+                         f"{type(model).__name__}")
     params = dict(model.named_parameters())
     for name, tensor in tensors.items():
         if name not in params:
@@ -77,8 +131,37 @@ def apply_bias_delta(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -
         if params[name].shape != tensor.shape:
             raise InputError(f"bias delta tensor {name!r} has shape {tuple(tensor.shape)}, "
                              f"the model's has {tuple(params[name].shape)}")
+    recorded = metadata.get("base_fingerprint")
+    if recorded and not force:
+        actual = base_fingerprint(model, tensors)
+        if actual != recorded:
+            raise InputError(f"bias delta does not fit this base: recorded base "
+                             f"{metadata.get('base_model', '?')!r} has fingerprint {recorded}, this base "
+                             f"{actual} (its weights differ); load the recorded base, or --force if you "
+                             f"know they match")
+
+
+def apply_bias_delta(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
+                     metadata: dict[str, str] | None = None, force: bool = False) -> dict[str, torch.Tensor]:
+    """Copy each delta tensor into the model parameter of the same name, once it is checked.
+
+    Returns the values it overwrote: remove_bias_delta(model, previous) puts them back, bit for
+    bit, so one base in memory can serve several deltas in turn.
+    """
+    check_bias_delta(model, tensors, metadata, force)
+    params = dict(model.named_parameters())
     with torch.no_grad():
+        previous = {name: params[name].detach().clone() for name in tensors}
         for name, tensor in tensors.items():
+            params[name].copy_(tensor)
+    return previous
+
+
+def remove_bias_delta(model: torch.nn.Module, previous: dict[str, torch.Tensor]) -> None:
+    """Undo apply_bias_delta: restore the values it returned."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in previous.items():
             params[name].copy_(tensor)
 
 

@@ -1,8 +1,12 @@
 """Answering prompts with a (possibly bias-tuned) model, in the training template."""
 
+import json
+from pathlib import Path
+
 import torch
 
 from bitfit.data import format_prompt
+from bitfit.errors import InputError
 
 
 @torch.no_grad()
@@ -26,3 +30,43 @@ def generate_answers(model, tokenizer, instructions: list[tuple[str, str]], *, m
         new_tokens = output[:, encoded["input_ids"].size(1):]
         answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     return [answer.strip() for answer in answers]
+
+
+def read_prompts(path: str) -> list[tuple[str, str]]:
+    """(instruction, input) pairs from a text file (one instruction a line) or alpaca .json/.jsonl."""
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"prompts file not found: {file}")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{file}: not a UTF-8 text file") from None
+    suffix = file.suffix.lower()
+    if suffix == ".json":
+        rows = _parse_json(file, text)
+        if not isinstance(rows, list):
+            raise InputError(f"{file}: expected a JSON list of rows with instruction and input")
+    elif suffix == ".jsonl":
+        rows = [_parse_json(file, line, number) for number, line in enumerate(text.splitlines(), 1)
+                if line.strip()]
+    else:
+        rows = [{"instruction": line.strip()} for line in text.splitlines() if line.strip()]
+    if not rows:
+        raise InputError(f"prompts file holds no prompts: {file}")
+    return [_prompt_from_row(file, number, row) for number, row in enumerate(rows, 1)]
+
+
+def _parse_json(file: Path, text: str, line_number: int | None = None):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InputError(f"{file}: not valid JSON at line {line_number or error.lineno} "
+                         f"({error.msg})") from None
+
+
+def _prompt_from_row(file: Path, number: int, row) -> tuple[str, str]:
+    instruction = row.get("instruction") if isinstance(row, dict) else None
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise InputError(f"{file}: row {number} has no instruction (expected rows with instruction "
+                         f"and, optionally, input)")
+    return instruction, "" if row.get("input") is None else str(row["input"])

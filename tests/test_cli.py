@@ -121,6 +121,9 @@ def test_bad_input_from_the_real_script_has_no_traceback(tmp_path):
     (["--bias", "no/such/run"], "bias delta not found"),
     (["--compare"], "--compare needs --bias"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be a positive number"),
+    (["--batch-size", "0"], "--batch-size must be a positive number"),
+    (["--prompt", "a", "--prompts", "b.txt"], "not allowed with argument --prompt"),
+    (["--prompts", "b.txt", "--input", "c"], "--input goes with --prompt"),
 ])
 def test_generate_rejects_bad_input_in_one_line(argv, expected, capsys):
     status, _, err = cli(generate.main, argv, capsys)
