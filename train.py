@@ -48,7 +48,12 @@ def build_parser() -> ArgumentParser:
     add("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     add("--output-dir", help="run folder (default: runs/<mode>)")
     add("--device", choices=DEVICES, help=f"(default: {D.device})")
-    add("--dtype", choices=DTYPES, help=f"(default: {D.dtype})")
+    add("--dtype", choices=DTYPES, help=f"bf16/fp16: half-precision compute under autocast; BitFit "
+                                        f"also stores its frozen weights in it (default: {D.dtype})")
+    add("--group-by-length", action="store_true", help="micro-batches of similar lengths: less padding")
+    add("--grad-checkpointing", action="store_true", help="recompute activations in backward: less "
+                                                          "memory, ~30%% more compute")
+    add("--compile", action="store_true", help="torch.compile the transformer body")
     return parser
 
 

@@ -16,7 +16,7 @@ DEFAULT_DATA = str(ASSETS / "alpaca_sample.json")
 
 MODES = ("bitfit", "full")
 DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("fp32",)
+DTYPES = ("fp32", "bf16", "fp16")
 
 # BitFit trains ~0.04% of the numbers, each bias nudging a whole feature, so it needs far
 # larger steps than full fine-tuning: the BitFit paper used 1e-4..1e-3. Full fine-tuning
@@ -47,7 +47,10 @@ class TrainConfig:
     save_every: int | None = None  # optimizer steps between resumable checkpoints
     output_dir: str | None = None  # None means runs/<mode>
     device: str = "auto"
-    dtype: str = "fp32"
+    dtype: str = "fp32"  # fp32, or bf16/fp16 autocast (see bitfit.model.weights_dtype)
+    group_by_length: bool = False  # micro-batches of similar lengths: less padding
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory, more time
+    compile: bool = False  # torch.compile the transformer body
 
     def __post_init__(self):
         _check_choice("--mode", self.mode, MODES)

@@ -12,6 +12,7 @@ from bitfit.errors import InputError, library_logs_silenced
 
 IGNORE_INDEX = -100  # cross_entropy skips targets with this value
 REQUIRED_COLUMNS = ("instruction", "output")
+GROUP_BUCKET = 64  # micro-batches sorted together by --group-by-length
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -154,14 +155,26 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def optimizer_windows(num_examples: int, batch_size: int, grad_accum: int, seed: int,
-                      epoch: int) -> list[list[list[int]]]:
+def optimizer_windows(num_examples: int, batch_size: int, grad_accum: int, seed: int, epoch: int,
+                      lengths: list[int] | None = None) -> list[list[list[int]]]:
     """One epoch's order: a list of accumulation windows, each a list of micro-batches of indices.
 
     The order is a seeded shuffle of examples, so batch 1 x accum 8 and batch 8 x accum 1 see
     the same eight examples in each optimizer step. The last window may be shorter.
+
+    Given lengths (--group-by-length), each run of GROUP_BUCKET micro-batches of the shuffled
+    order is sorted by length before it is cut, and the micro-batches are then shuffled again:
+    a micro-batch holds examples of similar length, so little of it is padding, while the data
+    stays shuffled at the scale of the bucket.
     """
     generator = torch.Generator().manual_seed(seed + epoch)
     order = torch.randperm(num_examples, generator=generator).tolist()
+    if lengths is not None:
+        bucket = batch_size * GROUP_BUCKET
+        order = [i for start in range(0, num_examples, bucket)
+                 for i in sorted(order[start:start + bucket], key=lambda i: lengths[i])]
     micro_batches = [order[i:i + batch_size] for i in range(0, num_examples, batch_size)]
+    if lengths is not None:
+        shuffle = torch.randperm(len(micro_batches), generator=generator).tolist()
+        micro_batches = [micro_batches[i] for i in shuffle]
     return [micro_batches[i:i + grad_accum] for i in range(0, len(micro_batches), grad_accum)]

@@ -1,5 +1,6 @@
 """The training loop: the one function to read to see what a training step does."""
 
+import contextlib
 import math
 import signal
 import threading
@@ -12,6 +13,7 @@ from bitfit.data import collate, optimizer_windows
 from bitfit.errors import InputError, Interrupted
 from bitfit.loss import causal_lm_loss_sum, label_token_count
 from bitfit.metrics import perplexity
+from bitfit.model import AUTOCAST_DTYPES
 from bitfit.resume import save_training_state
 
 
@@ -22,7 +24,7 @@ class NonFiniteLoss(InputError):
 def new_progress() -> dict:
     """Where a run stands: saved in checkpoints, so a resumed run carries on the same counts."""
     return {"step": 0, "epoch": 0, "position": 0, "samples": 0, "tokens": 0, "label_tokens": 0,
-            "loss_sum": 0.0, "log_loss_sum": 0.0, "log_label_tokens": 0, "seconds": 0.0,
+            "padded_tokens": 0, "loss_sum": 0.0, "log_loss_sum": 0.0, "log_label_tokens": 0, "seconds": 0.0,
             "eval_loss_before": None, "eval_loss_after": None}
 
 
@@ -38,11 +40,17 @@ def train_loop(model, optimizer, examples, config, *, pad_id, device, metrics_lo
     run = progress or new_progress()
     log = metrics_log.write if metrics_log is not None else (lambda record: None)
     if eval_examples and run["step"] == 0:
-        run["eval_loss_before"] = evaluate(model, eval_examples, config.batch_size, pad_id, device)
+        run["eval_loss_before"] = evaluate(model, eval_examples, config, pad_id, device)
         log(eval_record(0, run["eval_loss_before"]))
 
+    # fp16 can underflow small gradients to zero: scale the loss up before backward and the
+    # gradients back down before the step. bf16 has fp32's range and needs none of this.
+    scaler = torch.amp.GradScaler(device.type, enabled=config.dtype == "fp16")
+    if run.get("grad_scaler"):
+        scaler.load_state_dict(run["grad_scaler"])
     model.train()
-    windows = iter_windows(len(examples), config, run["epoch"], run["position"])
+    windows = iter_windows(len(examples), config, run["epoch"], run["position"],
+                           [len(example["input_ids"]) for example in examples])
     bar = tqdm(total=total_steps, initial=run["step"], desc=config.mode, unit="step", dynamic_ncols=True)
     with StopOnCtrlC() as ctrl_c:
         for step in range(run["step"], total_steps):
@@ -57,28 +65,34 @@ def train_loop(model, optimizer, examples, config, *, pad_id, device, metrics_lo
             window_label_tokens = sum(label_token_count(batch["labels"]) for batch in batches)
             window_loss_sum = torch.zeros((), device=device)
             for batch in batches:
-                batch = {key: value.to(device) for key, value in batch.items()}
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss_sum = causal_lm_loss_sum(logits, batch["labels"])
+                batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+                with autocast(device, config.dtype):
+                    loss_sum = causal_lm_loss_sum(model, batch)
                 # Divide by the label tokens of the whole window, not of this micro-batch: every
                 # token then weighs the same however the window is split, so batch 1 x accum 8
                 # and batch 8 x accum 1 produce the same gradient. (A per-micro-batch mean would
                 # make a 5-token answer count as much as a 200-token one.)
-                (loss_sum / window_label_tokens).backward()
+                scaler.scale(loss_sum / window_label_tokens).backward()
                 window_loss_sum += loss_sum.detach()
                 run["samples"] += batch["input_ids"].size(0)
                 run["tokens"] += int(batch["attention_mask"].sum())
+                run["padded_tokens"] += batch["input_ids"].numel()
 
+            scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm).item()
             window_loss_sum = window_loss_sum.item()
-            if not (math.isfinite(window_loss_sum) and math.isfinite(grad_norm)):
+            # An inf gradient under fp16 only means the loss scale was too high: the scaler
+            # skips that step and lowers the scale. Anything else non-finite is divergence.
+            if not (math.isfinite(window_loss_sum) and (math.isfinite(grad_norm) or scaler.is_enabled())):
                 bar.close()
                 raise NonFiniteLoss(f"the loss became non-finite at optimizer step {step + 1} of "
                                     f"{total_steps} (loss sum {window_loss_sum}, grad norm {grad_norm}); "
                                     f"stopped without saving, files already in {config.output_dir} "
                                     f"are untouched; try a lower --lr")
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            run["grad_scaler"] = scaler.state_dict()
 
             run.update(step=step + 1, epoch=epoch, position=position + 1)
             run["seconds"] += time.perf_counter() - step_start
@@ -97,7 +111,7 @@ def train_loop(model, optimizer, examples, config, *, pad_id, device, metrics_lo
                      "seconds": round(run["seconds"], 3), "tokens_per_s": run["tokens"] / run["seconds"]})
                 run.update(log_loss_sum=0.0, log_label_tokens=0)
             if eval_examples and (last_step or (config.eval_every and (step + 1) % config.eval_every == 0)):
-                run["eval_loss_after"] = evaluate(model, eval_examples, config.batch_size, pad_id, device)
+                run["eval_loss_after"] = evaluate(model, eval_examples, config, pad_id, device)
                 log(eval_record(step + 1, run["eval_loss_after"]))
             if ctrl_c.pressed or (config.save_every and ((step + 1) % config.save_every == 0 or last_step)):
                 save_training_state(config.output_dir, model, optimizer, config, run)
@@ -111,18 +125,25 @@ def train_loop(model, optimizer, examples, config, *, pad_id, device, metrics_lo
 
 
 @torch.no_grad()
-def evaluate(model, examples, batch_size, pad_id, device) -> float:
+def evaluate(model, examples, config, pad_id, device) -> float:
     """Token-weighted mean loss over examples, with dropout off, like the training loss."""
     model.eval()
     loss_sum, label_tokens = 0.0, 0
-    for start in range(0, len(examples), batch_size):
+    for start in range(0, len(examples), config.batch_size):
         batch = {key: value.to(device) for key, value in
-                 collate(examples[start:start + batch_size], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss_sum += causal_lm_loss_sum(logits, batch["labels"]).item()
+                 collate(examples[start:start + config.batch_size], pad_id).items()}
+        with autocast(device, config.dtype):
+            loss_sum += causal_lm_loss_sum(model, batch).item()
         label_tokens += label_token_count(batch["labels"])
     model.train()
     return loss_sum / label_tokens
+
+
+def autocast(device: torch.device, dtype: str):
+    """Compute in bf16/fp16 where that is safe (matmuls), in fp32 where it is not (norms, softmax)."""
+    if AUTOCAST_DTYPES[dtype] is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[dtype])
 
 
 def eval_record(step: int, loss: float) -> dict:
@@ -139,10 +160,11 @@ def windows_per_epoch(num_examples: int, config) -> int:
     return math.ceil(math.ceil(num_examples / config.batch_size) / config.grad_accum)
 
 
-def iter_windows(num_examples: int, config, epoch: int = 0, position: int = 0):
+def iter_windows(num_examples: int, config, epoch: int = 0, position: int = 0, lengths=None):
     """Yield (epoch, position, window) from the given point on, reshuffling at each new epoch."""
     while True:
-        windows = optimizer_windows(num_examples, config.batch_size, config.grad_accum, config.seed, epoch)
+        windows = optimizer_windows(num_examples, config.batch_size, config.grad_accum, config.seed, epoch,
+                                    lengths if config.group_by_length else None)
         for index in range(position, len(windows)):
             yield epoch, index, windows[index]
         epoch, position = epoch + 1, 0

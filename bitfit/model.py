@@ -9,10 +9,42 @@ from bitfit.errors import InputError, library_logs_silenced
 
 TINY_GPT2_DIR = ASSETS / "tiny-gpt2"
 TINY_GPT2_SEED = 0
-DTYPES = {"fp32": torch.float32}
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def load_model_and_tokenizer(name: str, dtype: str = "fp32"):
+def weights_dtype(config) -> torch.dtype:
+    """The dtype the model's weights are loaded in, for a run's mode and --dtype.
+
+    BitFit never updates its weights, so with bf16/fp16 they are stored in that half
+    precision: half the memory, and the autocast forward uses them as they are. The biases
+    are kept in fp32 (see bitfit.run.prepare_for_training), since an update of 1e-5 to a bias
+    of 0.5 would vanish in bf16, whose 8-bit mantissa resolves only ~0.4% steps. Full
+    fine-tuning updates every weight, so it keeps them all in fp32 and only computes in half
+    precision under autocast (classic mixed precision).
+    """
+    if config.mode == "bitfit" and AUTOCAST_DTYPES[config.dtype] is not None:
+        return AUTOCAST_DTYPES[config.dtype]
+    return torch.float32
+
+
+def keep_norms_in_fp32(model: torch.nn.Module) -> None:
+    """Give normalisation layers fp32 parameters and fp32 inputs in a half-precision model.
+
+    Norms divide by a variance computed over thousands of values, which half precision does
+    badly; their parameters are a few thousand numbers, so fp32 costs nothing. (CUDA autocast
+    upcasts them itself; CPU autocast does not, and would meet bf16 weights beside fp32 biases.)
+    """
+    for module in model.modules():
+        if "norm" in type(module).__name__.lower():
+            module.float()
+            module.register_forward_pre_hook(_floating_inputs_to_fp32)
+
+
+def _floating_inputs_to_fp32(module, args):
+    return tuple(arg.float() if torch.is_tensor(arg) and arg.is_floating_point() else arg for arg in args)
+
+
+def load_model_and_tokenizer(name: str, dtype: torch.dtype = torch.float32):
     """Return (model, tokenizer) for a hub id, a local folder, or DEFAULT_MODEL."""
     import transformers
 
@@ -24,7 +56,7 @@ def load_model_and_tokenizer(name: str, dtype: str = "fp32"):
         with library_logs_silenced():
             tokenizer = transformers.AutoTokenizer.from_pretrained(name)
             # Ask for the dtype explicitly: many hub checkpoints are stored in fp16/bf16.
-            model = transformers.AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype])
+            model = transformers.AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except (OSError, ValueError, KeyError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(f"could not load model {name!r}: {first_line}") from None
@@ -38,7 +70,7 @@ def _check_model_source(name: str) -> None:
         raise InputError(f"model folder not found: {name}")
 
 
-def _load_builtin_tiny_gpt2(dtype: str):
+def _load_builtin_tiny_gpt2(dtype: torch.dtype):
     """A 4-layer GPT-2 whose config and tokenizer ship in bitfit/assets.
 
     Its weights are random, drawn from a fixed seed, so every process builds the same model:
@@ -50,8 +82,9 @@ def _load_builtin_tiny_gpt2(dtype: str):
     tokenizer = transformers.AutoTokenizer.from_pretrained(TINY_GPT2_DIR)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_GPT2_SEED)
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
-    return model, tokenizer
+        # Drawn in fp32 then cast, so a bf16 load holds the same weights as an fp32 one, rounded.
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.to(dtype), tokenizer
 
 
 def pad_token_id(tokenizer) -> int:

@@ -18,7 +18,8 @@ from bitfit.errors import InputError
 from bitfit.loop import count_optimizer_steps, train_loop
 from bitfit.metrics import (MetricsLog, format_summary, peak_memory_bytes, peak_rss_bytes, perplexity,
                             reset_peak_memory)
-from bitfit.model import load_model_and_tokenizer, pad_token_id, resolve_device
+from bitfit.model import (keep_norms_in_fp32, load_model_and_tokenizer, pad_token_id, resolve_device,
+                          weights_dtype)
 from bitfit.resume import restore_training_state
 
 
@@ -30,7 +31,7 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print) -> dic
     train_rows, eval_rows = split_rows(rows, config.eval_size, config.seed)
     # Both modes start from the same fresh pretrained weights: never chain one mode's result
     # into the other, or the comparison measures the chain rather than the method.
-    model, tokenizer = load_model_and_tokenizer(config.model, config.dtype)
+    model, tokenizer = load_model_and_tokenizer(config.model, weights_dtype(config))
     examples, dropped = tokenize_rows(train_rows, tokenizer, config.max_len)
     eval_examples, eval_dropped = tokenize_rows(eval_rows, tokenizer, config.max_len)
     if not examples:
@@ -46,11 +47,9 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print) -> dic
             f"--max-len {config.max_len}")
 
     torch.manual_seed(config.seed)  # dropout; the data order has its own seeded generator
-    trained_names = select_trainable(model, config.mode)
+    trained_names, optimizer = prepare_for_training(model, config, device)
     trainable, total = count_parameters(model)
     log(describe_counts(trainable, total))
-    model.to(device)
-    optimizer = build_optimizer(model, config)
     progress = None
     if resume_state is not None:
         progress = restore_training_state(resume_state, model, optimizer)
@@ -97,6 +96,7 @@ def build_summary(config, progress, *, trainable, total, device, dropped_rows, e
         "samples": progress["samples"],
         "tokens": progress["tokens"],
         "label_tokens": progress["label_tokens"],
+        "padding_fraction": 1 - progress["tokens"] / progress["padded_tokens"],
         # Token-weighted over the run, like each step's loss: total loss / total label tokens.
         "train_loss": progress["loss_sum"] / progress["label_tokens"],
         "seconds": seconds,
@@ -115,11 +115,36 @@ def build_summary(config, progress, *, trainable, total, device, dropped_rows, e
     }
 
 
-def build_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
+def prepare_for_training(model, config: TrainConfig, device: torch.device):
+    """Freeze for the mode, set precisions and memory options, move to device; return
+    (names of the trained parameters, optimizer)."""
+    trained_names = select_trainable(model, config.mode)
+    if weights_dtype(config) != torch.float32:
+        keep_norms_in_fp32(model)
+    with torch.no_grad():
+        for param in trainable_parameters(model):
+            # fp32 master copies of whatever trains (bf16 would round small updates away).
+            param.data = param.data.float()
+    if config.grad_checkpointing:
+        # Non-reentrant checkpointing works even though the inputs (frozen embeddings in
+        # BitFit) do not require grad.
+        enable = getattr(model, "activation_checkpointing_enable", None)  # the name from transformers 5.2x
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(device)
+    if config.compile:
+        model.base_model.compile()  # in place, so parameter names (and deltas) stay the same
+    return trained_names, build_optimizer(model, config, device)
+
+
+def build_optimizer(model, config: TrainConfig, device=torch.device("cpu")) -> torch.optim.Optimizer:
     # The optimizer only ever sees the trainable tensors: in BitFit, AdamW's two moment
     # buffers are then as small as the biases themselves, one of BitFit's memory savings.
-    return torch.optim.AdamW(trainable_parameters(model), lr=config.lr,
-                             weight_decay=config.weight_decay)
+    # The fused CUDA kernel updates all tensors in one launch instead of several per tensor.
+    return torch.optim.AdamW(trainable_parameters(model), lr=config.lr, weight_decay=config.weight_decay,
+                             fused=device.type == "cuda")
 
 
 def device_name(device: torch.device) -> str:

@@ -1,0 +1,116 @@
+"""The speed and memory features must not change what is computed (beyond float rounding)."""
+
+import pytest
+import torch
+
+import bitfit.loss
+from bitfit.bias import is_bias
+from bitfit.config import TrainConfig
+from bitfit.data import collate, optimizer_windows, tokenize_rows
+from bitfit.loop import train_loop
+from bitfit.loss import causal_lm_loss_sum, loss_sum_from_logits
+from bitfit.model import load_model_and_tokenizer, pad_token_id, weights_dtype
+from bitfit.run import prepare_for_training
+from conftest import ROWS
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
+    examples, _ = tokenize_rows(ROWS, tokenizer, max_len=64)
+    return tiny_model_dir, tokenizer, examples
+
+
+def bias_grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("chunk_tokens", [512, 7])
+def test_head_on_label_positions_only_matches_the_full_head(tiny, monkeypatch, chunk_tokens):
+    folder, tokenizer, examples = tiny
+    monkeypatch.setattr(bitfit.loss, "HEAD_CHUNK_TOKENS", chunk_tokens)
+    model, _ = load_model_and_tokenizer(folder)
+    config = TrainConfig(model=folder, data="x", output_dir="x")
+    prepare_for_training(model, config, CPU)
+    batch = collate(examples[:4], pad_token_id(tokenizer))
+    fast = causal_lm_loss_sum(model, batch)
+    fast_grads = bias_grads(model, fast)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    plain = loss_sum_from_logits(logits, batch["labels"])
+    plain_grads = bias_grads(model, plain)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-4)
+    assert fast_grads.keys() == plain_grads.keys() and len(fast_grads) > 0
+    for name in plain_grads:
+        torch.testing.assert_close(fast_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def train_copy(folder, tokenizer, examples, tmp_path, **overrides):
+    config = TrainConfig(**{"model": folder, "data": "x", "output_dir": str(tmp_path), "max_steps": 3,
+                            "batch_size": 2, "grad_accum": 2, **overrides})
+    model, _ = load_model_and_tokenizer(folder, weights_dtype(config))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    prepare_for_training(model, config, CPU)
+    progress = train_loop(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                                   lr=config.lr), examples, config,
+                          pad_id=pad_token_id(tokenizer), device=CPU)
+    return model, before, progress
+
+
+@pytest.mark.parametrize("dtype, half", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_half_precision_bitfit_keeps_weights_half_and_biases_fp32(tiny, tmp_path, dtype, half):
+    folder, tokenizer, examples = tiny
+    model, before, progress = train_copy(folder, tokenizer, examples, tmp_path, dtype=dtype)
+    _, _, reference = train_copy(folder, tokenizer, examples, tmp_path, dtype="fp32")
+    for name, param in model.named_parameters():
+        if is_bias(name):
+            assert param.dtype == torch.float32 and not torch.equal(param, before[name].float()), name
+        elif ".ln_" in name:  # norm weights are kept in fp32 (a few hundred numbers), values unchanged
+            assert param.dtype == torch.float32 and torch.equal(param, before[name].float()), name
+        else:
+            assert param.dtype == half and torch.equal(param, before[name]), name
+    half_loss = progress["loss_sum"] / progress["label_tokens"]
+    fp32_loss = reference["loss_sum"] / reference["label_tokens"]
+    assert half_loss == pytest.approx(fp32_loss, rel=0.02)
+
+
+def test_full_mode_in_bf16_keeps_fp32_weights(tiny, tmp_path):
+    folder, tokenizer, examples = tiny
+    model, _, _ = train_copy(folder, tokenizer, examples, tmp_path, mode="full", dtype="bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_gradient_checkpointing_gives_the_same_training(tiny, tmp_path):
+    folder, tokenizer, examples = tiny
+    plain, _, plain_progress = train_copy(folder, tokenizer, examples, tmp_path)
+    checkpointed, _, progress = train_copy(folder, tokenizer, examples, tmp_path, grad_checkpointing=True)
+    assert progress["loss_sum"] == pytest.approx(plain_progress["loss_sum"], rel=1e-5)
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_group_by_length_covers_every_example_once_with_less_padding():
+    lengths = [(i * 37) % 200 + 5 for i in range(256)]
+    grouped = optimizer_windows(256, 4, 2, seed=0, epoch=0, lengths=lengths)
+    plain = optimizer_windows(256, 4, 2, seed=0, epoch=0)
+    flat = sorted(i for window in grouped for micro in window for i in micro)
+    assert flat == list(range(256))
+    assert grouped == optimizer_windows(256, 4, 2, seed=0, epoch=0, lengths=lengths)  # seeded
+
+    def padding(windows):
+        micro_batches = [micro for window in windows for micro in window]
+        padded = sum(len(micro) * max(lengths[i] for i in micro) for micro in micro_batches)
+        return 1 - sum(lengths) / padded
+
+    assert padding(grouped) < padding(plain) / 3
+
+
+def test_summary_reports_the_padding_fraction(tiny, tmp_path):
+    folder, tokenizer, examples = tiny
+    _, _, progress = train_copy(folder, tokenizer, examples, tmp_path, batch_size=4)
+    assert 0 < progress["tokens"] < progress["padded_tokens"]
+    _, _, unpadded = train_copy(folder, tokenizer, examples, tmp_path, batch_size=1)
+    assert unpadded["tokens"] == unpadded["padded_tokens"]
