@@ -65,6 +65,10 @@ def train_loop(model, optimizer, examples, config, *, pad_id, device, metrics_lo
             window_label_tokens = sum(label_token_count(batch["labels"]) for batch in batches)
             window_loss_sum = torch.zeros((), device=device)
             for batch in batches:
+                # Count on the CPU copy: reading a count back from the GPU would wait for it.
+                run["samples"] += batch["input_ids"].size(0)
+                run["tokens"] += int(batch["attention_mask"].sum())
+                run["padded_tokens"] += batch["input_ids"].numel()
                 batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
                 with autocast(device, config.dtype):
                     loss_sum = causal_lm_loss_sum(model, batch)
@@ -74,9 +78,6 @@ def train_loop(model, optimizer, examples, config, *, pad_id, device, metrics_lo
                 # make a 5-token answer count as much as a 200-token one.)
                 scaler.scale(loss_sum / window_label_tokens).backward()
                 window_loss_sum += loss_sum.detach()
-                run["samples"] += batch["input_ids"].size(0)
-                run["tokens"] += int(batch["attention_mask"].sum())
-                run["padded_tokens"] += batch["input_ids"].numel()
 
             scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm).item()

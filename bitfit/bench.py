@@ -1,0 +1,351 @@
+"""Benchmark BitFit against full fine-tuning: throughput, peak memory and MFU on a real model shape.
+
+    python -m bitfit.bench --arch bloom-1b1 --device cuda --batch-sizes 1,4,8 --dtypes fp32,bf16
+
+The model has the named model's shape and random weights (nothing is downloaded): speed and
+memory depend on the shape, not on the values. The rows are random tokens with alpaca-like
+lengths. Each (dtype, micro-batch, mode) runs in a fresh process, so no run's memory shows in
+another's peak and a CUDA out-of-memory costs one line of the table, not the benchmark. Each
+worker prints one JSON line; the parent prints them all, then a markdown table.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import traceback
+
+from bitfit.cli import ArgumentParser, run_main
+from bitfit.config import DEVICES, DTYPES, MODES, TrainConfig
+from bitfit.data import build_example
+from bitfit.errors import InputError, Interrupted
+
+ARCHS = ("tiny", "gpt2", "bloom-1b1")
+SEED = 0  # weights and rows; the same in every worker, so every run sees the same model and data
+
+# Alpaca-like lengths: prompts of 15-80 tokens (uniform), responses log-normal around 90 tokens.
+PROMPT_TOKENS = (15, 80)
+RESPONSE_MEDIAN, RESPONSE_SIGMA = 90, 0.5
+
+# Dense peak TFLOPS of an H100/H200 SXM (NVIDIA datasheets, without the 2:4 sparsity doubling):
+# bf16/fp16 on tensor cores; fp32 matmuls use TF32 tensor cores only when PyTorch is allowed to
+# (torch.set_float32_matmul_precision), and the plain fp32 units otherwise. Other devices have no
+# default: pass --peak-tflops, or MFU is left null.
+H100_CLASS_TFLOPS = {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0}
+
+
+# ------------------------------------------------------------------ model shapes and rows
+
+
+def arch_config(arch: str):
+    """The transformers config of a named shape. Dropout is 0 in all of them so that a run's loss
+    repeats exactly (bloom's own config has none; GPT-2's 0.1 would make the loss vary)."""
+    import transformers
+
+    if arch == "bloom-1b1":  # bigscience/bloom-1b1, the shape of the seed's bloomz-1b1
+        return transformers.BloomConfig(vocab_size=250880, hidden_size=1536, n_layer=24, n_head=16,
+                                        hidden_dropout=0.0, attention_dropout=0.0)
+    no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    if arch == "gpt2":  # the 124M GPT-2: the config's defaults
+        return transformers.GPT2Config(**no_dropout)
+    if arch == "tiny":  # a few million parameters, for tests and quick runs on a CPU
+        return transformers.GPT2Config(vocab_size=2048, n_positions=512, n_embd=256, n_layer=4, n_head=4,
+                                       bos_token_id=0, eos_token_id=0, **no_dropout)
+    raise ValueError(f"unknown arch {arch!r}")
+
+
+def build_model(arch: str, dtype, device="cpu"):
+    """The arch with random weights drawn from SEED, built in dtype directly on device
+    ("meta" builds the shape alone, with no memory behind it)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(SEED)
+    with torch.device(device):
+        return transformers.AutoModelForCausalLM.from_config(arch_config(arch), dtype=dtype)
+
+
+def synthetic_examples(count: int, *, vocab_size: int, eos_id: int, max_len: int,
+                       seed: int = SEED) -> list[dict]:
+    """count examples of random tokens (never eos but at the end) with alpaca-like lengths.
+
+    The response length counts its eos, so the shortest response is the eos alone. Examples are
+    cut at max_len like real ones (build_example); max_len above the longest prompt keeps a label.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    prompt_lengths = torch.randint(PROMPT_TOKENS[0], PROMPT_TOKENS[1] + 1, (count,), generator=generator)
+    response_lengths = torch.empty(count).log_normal_(math.log(RESPONSE_MEDIAN), RESPONSE_SIGMA,
+                                                      generator=generator).round().clamp(min=1).long()
+    examples = []
+    for prompt_length, response_length in zip(prompt_lengths.tolist(), response_lengths.tolist()):
+        tokens = torch.randint(0, vocab_size - 1, (prompt_length + response_length - 1,), generator=generator)
+        tokens += tokens >= eos_id  # skip over the eos id: the ids drawn are every id but eos
+        tokens = tokens.tolist()
+        examples.append(build_example(tokens[:prompt_length], tokens[prompt_length:] + [eos_id], max_len))
+    return examples
+
+
+def count_flops_per_token(num_params: int, mode: str) -> int:
+    """Model FLOPs per trained (non-padding) token, the standard estimate behind MFU.
+
+    A matmul with a weight of n numbers costs 2n FLOPs per token forward. Backward costs 2n more for
+    the gradient of its input and 2n for the gradient of the weight: 6N in all for full training.
+    BitFit freezes every weight, so autograd skips the weight gradients, but the input gradients must
+    still flow back through every layer to reach the biases: 2N forward + 2N backward = 4N.
+
+    Like any MFU this counts the model's work, not the hardware's: attention scores (about 1% at
+    these lengths) are left out, gradient checkpointing's recomputation is not counted, and the
+    head (a third of bloom-1b1) is counted at every token though bitfit.loss runs it only where a
+    label is, so MFU can credit work the loop was clever enough to skip.
+    """
+    return (6 if mode == "full" else 4) * num_params
+
+
+def default_peak_tflops(device_name: str, dtype: str, float32_matmul_precision: str) -> float | None:
+    if "H100" not in device_name and "H200" not in device_name:
+        return None
+    if dtype == "fp32" and float32_matmul_precision != "highest":
+        return H100_CLASS_TFLOPS["tf32"]
+    return H100_CLASS_TFLOPS[dtype]
+
+
+# ------------------------------------------------------------------ the command line
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m bitfit.bench",
+                            description="Throughput, peak memory and MFU of bitfit vs full fine-tuning "
+                                        "on a named model shape with random weights.")
+    add = parser.add_argument
+    add("--arch", choices=ARCHS, default="tiny", help="model shape (default: tiny)")
+    add("--modes", type=csv_of(str, MODES), default=list(MODES), help="comma list (default: bitfit,full)")
+    add("--dtypes", type=csv_of(str, DTYPES), default=["fp32", "bf16"],
+        help=f"comma list of {', '.join(DTYPES)} (default: fp32,bf16)")
+    add("--batch-sizes", type=csv_of(int), default=[1, 4, 8],
+        help="micro-batch sizes, comma list (default: 1,4,8)")
+    add("--rows", type=int, default=256, help="rows trained on in the timed part of each run (default: 256)")
+    add("--warmup-steps", type=int, default=3, help="untimed optimizer steps first (default: 3)")
+    add("--grad-accum", type=int, default=8, help="micro-batches per optimizer step (default: 8)")
+    add("--max-len", type=int, default=256, help="tokens per example, prompt included (default: 256)")
+    add("--device", choices=DEVICES, default="auto", help="(default: auto)")
+    add("--peak-tflops", type=float, help="the device's peak TFLOPS, the MFU denominator (default: "
+                                          "989 bf16/fp16 and 67 fp32 on an H100/H200, else no MFU)")
+    add("--group-by-length", action="store_true", help="passed to training")
+    add("--grad-checkpointing", action="store_true", help="passed to training")
+    add("--compile", action="store_true", help="passed to training (torch.compile)")
+    add("--seed", type=int, default=SEED, help=argparse.SUPPRESS)
+    add("--worker", action="store_true", help=argparse.SUPPRESS)  # run one cell in this process
+    return parser
+
+
+def csv_of(kind, choices=None):
+    """An argparse type for a comma list: of the given choices, or of positive integers."""
+    expected = f"of {', '.join(choices)}" if choices else "of positive integers"
+
+    def parse(text: str) -> list:
+        try:
+            values = [kind(item) for item in text.split(",") if item.strip()]
+        except ValueError:
+            values = []
+        if not values or any((v not in choices) if choices else v <= 0 for v in values):
+            raise argparse.ArgumentTypeError(f"expected a comma list {expected}, got {text!r}")
+        return values
+    return parse
+
+
+def check_args(args) -> None:
+    """Bad numbers are found before any worker starts: one line and exit 2, not a table of errors."""
+    if args.rows <= 0:
+        raise InputError(f"--rows must be a positive number, got {args.rows}")
+    if args.warmup_steps < 0:
+        raise InputError(f"--warmup-steps must be 0 or more, got {args.warmup_steps}")
+    if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
+        raise InputError(f"--peak-tflops must be a positive number, got {args.peak_tflops}")
+    if args.max_len <= PROMPT_TOKENS[1]:
+        raise InputError(f"--max-len must be above {PROMPT_TOKENS[1]}, the longest synthetic prompt, "
+                         f"so that every row keeps a response token; got {args.max_len}")
+    positions = getattr(arch_config(args.arch), "n_positions", None)  # bloom's ALiBi has no limit
+    if positions is not None and args.max_len > positions:
+        raise InputError(f"--max-len {args.max_len} is longer than {args.arch}'s {positions} positions")
+    for mode in args.modes:  # TrainConfig checks the rest with the flags' own names
+        for dtype in args.dtypes:
+            for batch_size in args.batch_sizes:
+                train_config(args, mode, dtype, batch_size)
+
+
+def train_config(args, mode: str, dtype: str, batch_size: int) -> TrainConfig:
+    return TrainConfig(mode=mode, dtype=dtype, batch_size=batch_size, grad_accum=args.grad_accum,
+                       max_len=args.max_len, seed=args.seed, device=args.device,
+                       group_by_length=args.group_by_length, grad_checkpointing=args.grad_checkpointing,
+                       compile=args.compile)
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.worker:
+        run_worker(args)
+        return
+    check_args(args)
+    from bitfit.model import resolve_device
+
+    args.device = resolve_device(args.device).type  # resolved once: every worker uses the same
+    try:
+        results = run_benchmark(args)
+    except KeyboardInterrupt:
+        raise Interrupted("benchmark stopped; the lines above are the runs that finished") from None
+    print()
+    print(format_table(results, args))
+
+
+# ------------------------------------------------------------------ the parent: one process per run
+
+
+def run_benchmark(args) -> list[dict]:
+    runs = [(dtype, batch_size, mode) for dtype in args.dtypes for batch_size in args.batch_sizes
+            for mode in args.modes]
+    results = []
+    for number, (dtype, batch_size, mode) in enumerate(runs, 1):
+        print(f"[{number}/{len(runs)}] {mode} {dtype} micro-batch {batch_size}", file=sys.stderr, flush=True)
+        result = run_in_fresh_process(args, mode, dtype, batch_size)
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    return results
+
+
+def run_in_fresh_process(args, mode: str, dtype: str, batch_size: int) -> dict:
+    command = [sys.executable, "-m", "bitfit.bench", "--worker", "--arch", args.arch, "--modes", mode,
+               "--dtypes", dtype, "--batch-sizes", str(batch_size), "--rows", str(args.rows),
+               "--warmup-steps", str(args.warmup_steps), "--grad-accum", str(args.grad_accum),
+               "--max-len", str(args.max_len), "--device", args.device, "--seed", str(args.seed)]
+    if args.peak_tflops is not None:
+        command += ["--peak-tflops", str(args.peak_tflops)]
+    command += [flag for flag, on in [("--group-by-length", args.group_by_length),
+                                      ("--grad-checkpointing", args.grad_checkpointing),
+                                      ("--compile", args.compile)] if on]
+    # The worker's stderr (progress bar, traceback) goes straight to ours. Its own session keeps a
+    # Ctrl-C at the terminal from reaching it; this process stops it instead.
+    worker = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, _ = worker.communicate()
+    except KeyboardInterrupt:
+        worker.kill()
+        worker.wait()
+        raise
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    if lines:
+        return json.loads(lines[-1])
+    how = f"was killed by signal {-worker.returncode}" if worker.returncode < 0 else \
+        f"exited with status {worker.returncode}"
+    return {**run_identity(args, mode, dtype, batch_size), "error": f"the worker {how} and printed no result"}
+
+
+def run_identity(args, mode: str, dtype: str, batch_size: int) -> dict:
+    return {"mode": mode, "arch": args.arch, "dtype": dtype, "micro_batch": batch_size,
+            "grad_accum": args.grad_accum, "rows": args.rows, "max_len": args.max_len,
+            "warmup_steps": args.warmup_steps, "group_by_length": args.group_by_length,
+            "grad_checkpointing": args.grad_checkpointing, "compile": args.compile}
+
+
+# ------------------------------------------------------------------ the worker: one run, one line
+
+
+def run_worker(args) -> None:
+    mode, dtype, batch_size = args.modes[0], args.dtypes[0], args.batch_sizes[0]
+    identity = run_identity(args, mode, dtype, batch_size)
+    try:
+        result = {**identity, **measure(args, train_config(args, mode, dtype, batch_size))}
+    except Exception as error:  # a CUDA out-of-memory, say: one failed run, not a failed benchmark
+        traceback.print_exc()
+        message = (str(error).strip().splitlines() or [""])[0][:300]
+        result = {**identity, "error": f"{type(error).__name__}: {message}"}
+    print(json.dumps(result), flush=True)
+
+
+def measure(args, config: TrainConfig) -> dict:
+    import torch
+
+    from bitfit.loop import train_loop
+    from bitfit.metrics import peak_memory_bytes, peak_rss_bytes, reset_peak_memory
+    from bitfit.model import resolve_device, weights_dtype
+    from bitfit.run import device_name, prepare_for_training
+
+    device = resolve_device(config.device)
+    model = build_model(args.arch, weights_dtype(config), device)
+    num_params = sum(p.numel() for p in model.parameters())  # tied embedding and head counted once
+    trained_names, optimizer = prepare_for_training(model, config, device)
+    examples = synthetic_examples(args.rows, vocab_size=model.config.vocab_size,
+                                  eos_id=model.config.eos_token_id, max_len=config.max_len, seed=args.seed)
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
+
+    reset_peak_memory(device)
+    # train_loop writes nothing without a metrics log, save_every or a Ctrl-C; even so, never let a
+    # benchmark touch runs/<mode>.
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.warmup_steps:  # cuDNN/cuBLAS choices, the allocator's pools, torch.compile: untimed
+            warmup = dataclasses.replace(config, max_steps=args.warmup_steps, output_dir=scratch)
+            train_loop(model, optimizer, examples, warmup, pad_id=pad_id, device=device)
+        steps = math.ceil(args.rows / (config.batch_size * config.grad_accum))
+        timed = dataclasses.replace(config, max_steps=steps, output_dir=scratch)
+        progress = train_loop(model, optimizer, examples, timed, pad_id=pad_id, device=device)
+
+    seconds = progress["seconds"]
+    flops_per_token = count_flops_per_token(num_params, config.mode)
+    name = device_name(device)
+    peak_tflops = args.peak_tflops or default_peak_tflops(name, config.dtype,
+                                                          torch.get_float32_matmul_precision())
+    achieved_flops = flops_per_token * progress["tokens"] / seconds  # real tokens: padding is wasted work
+    return {
+        "device": name,
+        "total_params": num_params,
+        "trainable_params": sum(model.get_parameter(n).numel() for n in trained_names),
+        "optimizer_steps": progress["step"],
+        "samples": progress["samples"],
+        "tokens": progress["tokens"],
+        "padded_tokens": progress["padded_tokens"],
+        "padding_fraction": 1 - progress["tokens"] / progress["padded_tokens"],
+        "train_loss": progress["loss_sum"] / progress["label_tokens"],
+        "seconds": seconds,
+        "samples_per_s": progress["samples"] / seconds,
+        "tokens_per_s": progress["tokens"] / seconds,
+        "peak_allocated_bytes": peak_memory_bytes(device),
+        "peak_reserved_bytes": torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "flops_per_token": flops_per_token,
+        "peak_tflops": peak_tflops,
+        "mfu": achieved_flops / (peak_tflops * 1e12) if peak_tflops else None,
+    }
+
+
+# ------------------------------------------------------------------ the table
+
+
+def format_table(results: list[dict], args) -> str:
+    from bitfit.metrics import gib
+
+    done = [r for r in results if "error" not in r]
+    where = f" ({done[0]['total_params']:,} params) on {done[0]['device']}" if done else ""
+    lines = [f"{args.arch}{where}: {args.rows} rows, grad accum {args.grad_accum}, max len {args.max_len}",
+             "",
+             "| mode | dtype | micro-batch | samples/s | tokens/s | peak allocated | peak reserved "
+             "| peak RSS | MFU | train loss | padding |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        cells = [r["mode"], r["dtype"], str(r["micro_batch"])]
+        if "error" in r:
+            cells += [r["error"].replace("|", "/")] + [""] * 7
+        else:
+            cells += [f"{r['samples_per_s']:.2f}", f"{r['tokens_per_s']:,.0f}",
+                      gib(r["peak_allocated_bytes"]), gib(r["peak_reserved_bytes"]), gib(r["peak_rss_bytes"]),
+                      "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}", f"{r['train_loss']:.4f}",
+                      f"{r['padding_fraction']:.1%}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
