@@ -54,6 +54,9 @@ def build_parser() -> ArgumentParser:
     add("--grad-checkpointing", action="store_true", help="recompute activations in backward: less "
                                                           "memory, ~30%% more compute")
     add("--compile", action="store_true", help="torch.compile the transformer body")
+    add("--bias-terms", help=f"biases BitFit trains: a comma list of all, query, key, value, attn-out, "
+                             f"mlp-in, mlp-out, norm, or regular expressions over parameter names, "
+                             f"e.g. query,mlp-in (default: {D.bias_terms})")
     return parser
 
 
@@ -69,9 +72,10 @@ def parse_args(argv=None) -> tuple[TrainConfig, dict | None]:
     state = load_training_state(run_dir)
     saved = {**state["config"], "output_dir": run_dir}
     for key, value in given.items():
-        if key not in MAY_CHANGE_ON_RESUME and value != saved[key]:
+        before = saved.get(key, getattr(D, key))  # a checkpoint from before the flag existed
+        if key not in MAY_CHANGE_ON_RESUME and value != before:
             flag = "--" + key.replace("_", "-")
-            raise InputError(f"{flag} {value} differs from the resumed run's {saved[key]}; a resumed "
+            raise InputError(f"{flag} {value} differs from the resumed run's {before}; a resumed "
                              f"run keeps its settings (only --max-steps and --epochs may change)")
     return TrainConfig(**{**saved, **given}), state
 

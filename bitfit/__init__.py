@@ -9,7 +9,11 @@ One module per idea:
     loop        the training loop itself
     checkpoint  bias deltas and model folders on disk, written atomically
     metrics     memory, throughput, the summary
+    resume      the resumable training state (checkpoint.pt)
     run         a training run from settings to files: setup, loop, save
+    inference   answering prompts with a model and its deltas
+    export      merging a delta into an ordinary model folder
+    bench       the benchmark: real shapes, random weights, synthetic rows
 """
 
 from bitfit.errors import InputError

@@ -51,6 +51,7 @@ class TrainConfig:
     group_by_length: bool = False  # micro-batches of similar lengths: less padding
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, more time
     compile: bool = False  # torch.compile the transformer body
+    bias_terms: str = "all"  # BitFit: comma list of bias groups or regular expressions (bitfit.bias)
 
     def __post_init__(self):
         _check_choice("--mode", self.mode, MODES)
@@ -77,6 +78,12 @@ class TrainConfig:
         if self.weight_decay < 0:
             raise InputError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         _check_positive("--max-grad-norm", self.max_grad_norm)
+        if not all(term.strip() for term in self.bias_terms.split(",")):
+            raise InputError(f"--bias-terms must be a comma list of bias groups or regular expressions "
+                             f"with no empty term, got {self.bias_terms!r}")
+        if self.mode == "full" and self.bias_terms != "all":
+            raise InputError(f"--bias-terms {self.bias_terms} chooses biases for --mode bitfit; "
+                             f"--mode full trains every parameter")
         if self.output_dir is None:
             self.output_dir = str(Path("runs") / self.mode)
 

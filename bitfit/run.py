@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from bitfit.bias import count_parameters, describe_counts, select_trainable, trainable_parameters
+from bitfit.bias import (count_parameters, describe_bias_terms, describe_counts, mask_gradients, partly_trained,
+                         select_trainable, trainable_parameters)
 from bitfit.checkpoint import BIAS_FILE, save_bias_delta, save_json, save_model_folder
 from bitfit.config import TrainConfig
 from bitfit.data import load_rows, split_rows, tokenize_rows
@@ -48,7 +49,11 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print) -> dic
 
     torch.manual_seed(config.seed)  # dropout; the data order has its own seeded generator
     trained_names, optimizer = prepare_for_training(model, config, device)
-    trainable, total = count_parameters(model)
+    masks = {}
+    if config.mode == "bitfit":
+        log(describe_bias_terms(model, config.bias_terms))
+        masks = partly_trained(model, config.bias_terms)
+    trainable, total = count_parameters(model, masks)  # a fused bias counts only its trained slice
     log(describe_counts(trainable, total))
     progress = None
     if resume_state is not None:
@@ -118,7 +123,7 @@ def build_summary(config, progress, *, trainable, total, device, dropped_rows, e
 def prepare_for_training(model, config: TrainConfig, device: torch.device):
     """Freeze for the mode, set precisions and memory options, move to device; return
     (names of the trained parameters, optimizer)."""
-    trained_names = select_trainable(model, config.mode)
+    trained_names = select_trainable(model, config.mode, config.bias_terms)
     if weights_dtype(config) != torch.float32:
         keep_norms_in_fp32(model)
     with torch.no_grad():
@@ -134,17 +139,28 @@ def prepare_for_training(model, config: TrainConfig, device: torch.device):
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
+    # A fused q,k,v bias of which only a slice is chosen (--bias-terms query on GPT-2, say)
+    # trains through a gradient mask, made on the device where the gradients will be.
+    masks = partly_trained(model, config.bias_terms) if config.mode == "bitfit" else {}
+    mask_gradients(model, masks)
     if config.compile:
         model.base_model.compile()  # in place, so parameter names (and deltas) stay the same
-    return trained_names, build_optimizer(model, config, device)
+    return trained_names, build_optimizer(model, config, device, no_decay=masks)
 
 
-def build_optimizer(model, config: TrainConfig, device=torch.device("cpu")) -> torch.optim.Optimizer:
+def build_optimizer(model, config: TrainConfig, device=torch.device("cpu"), no_decay=()) -> torch.optim.Optimizer:
     # The optimizer only ever sees the trainable tensors: in BitFit, AdamW's two moment
     # buffers are then as small as the biases themselves, one of BitFit's memory savings.
     # The fused CUDA kernel updates all tensors in one launch instead of several per tensor.
-    return torch.optim.AdamW(trainable_parameters(model), lr=config.lr, weight_decay=config.weight_decay,
-                             fused=device.type == "cuda")
+    # AdamW's decoupled weight decay shrinks every entry of a tensor, gradient or not, so it
+    # would move the masked-out slice of a partly trained tensor (no_decay): those get none,
+    # which keeps that slice bit-identical to the base without restoring it after every step
+    # (their trained slice goes undecayed too; with the default --weight-decay 0 nothing differs).
+    named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    groups = [{"params": [param for name, param in named if name not in no_decay]},
+              {"params": [param for name, param in named if name in no_decay], "weight_decay": 0.0}]
+    return torch.optim.AdamW([group for group in groups if group["params"]], lr=config.lr,
+                             weight_decay=config.weight_decay, fused=device.type == "cuda")
 
 
 def device_name(device: torch.device) -> str:
