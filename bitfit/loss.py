@@ -32,6 +32,10 @@ def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     predicts_a_label = targets != IGNORE_INDEX
     hidden, targets = hidden[:, :-1][predicts_a_label], targets[predicts_a_label]
     head = model.get_output_embeddings()
+    if targets.numel() <= HEAD_CHUNK_TOKENS:
+        # One chunk: recomputing it would save nothing, since the backward pass starts at
+        # the head, while every activation is still alive anyway.
+        return _head_loss_sum(head, hidden, targets)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), HEAD_CHUNK_TOKENS):
         chunk = slice(start, start + HEAD_CHUNK_TOKENS)
