@@ -57,6 +57,9 @@ def build_parser() -> ArgumentParser:
     add("--bias-terms", help=f"biases BitFit trains: a comma list of all, query, key, value, attn-out, "
                              f"mlp-in, mlp-out, norm, or regular expressions over parameter names, "
                              f"e.g. query,mlp-in (default: {D.bias_terms})")
+    add("--add-biases", action="store_true", help="BitFit on a model without biases (LLaMA, Mistral): "
+                                                  "give the Linear layers --bias-terms chooses zero biases "
+                                                  "to train")
     return parser
 
 
@@ -82,9 +85,16 @@ def parse_args(argv=None) -> tuple[TrainConfig, dict | None]:
 
 def main(argv=None) -> None:
     config, resume_state = parse_args(argv)
-    from bitfit.run import run  # imported late so that --help and flag errors answer at once
+    from bitfit import distributed  # imported late so that --help and flag errors answer at once
+    from bitfit.model import resolve_device
+    from bitfit.run import run
 
-    run(config, resume_state)
+    # Under torchrun, join the other ranks (a no-op in a single process).
+    world = distributed.setup(resolve_device(config.device))
+    try:
+        run(config, resume_state, world=world)
+    finally:
+        distributed.cleanup()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@
 names. The BitFit paper found that the query bias and the first (expanding) MLP bias alone recover
 most of the gain at about half the parameters: `--bias-terms query,mlp-in`.
 
+LLaMA, Mistral and most recent models have no biases at all. `--add-biases` gives the chosen
+Linear layers zero biases first (add_biases), so the model computes exactly what it did and
+BitFit has something to train.
+
 A choice is a plain dict, term -> {parameter name: (mask, where)}: mask is a bool tensor over the
 bias's entries when only a slice of it trains, None when all of it does; where says which slice.
 """
@@ -68,7 +72,7 @@ def choose_biases(model: torch.nn.Module, bias_terms: str) -> dict[str, dict]:
             if not chosen[term]:
                 what = "biases" if term == "all" else f"{term} biases"
                 raise InputError(f"--bias-terms {term}: this {type(model).__name__} has no {what}; "
-                                 f"{groups_listing(model)}")
+                                 f"{groups_listing(model)}{add_biases_hint(model, term)}")
             continue
         try:
             pattern = re.compile(term)
@@ -79,7 +83,8 @@ def choose_biases(model: torch.nn.Module, bias_terms: str) -> dict[str, dict]:
                         if is_bias(name) and pattern.search(name)}
         if not chosen[term]:
             raise InputError(f"--bias-terms {term!r} is neither a group nor a regular expression that "
-                             f"matches a bias of this {type(model).__name__}; {groups_listing(model)}")
+                             f"matches a bias of this {type(model).__name__}; {groups_listing(model)}"
+                             f"{add_biases_hint(model, term)}")
     return chosen
 
 
@@ -121,9 +126,77 @@ def fused_slice(size: int, layout: str, which: int, num_heads: int) -> tuple[tor
 def groups_listing(model: torch.nn.Module) -> str:
     present = [group for group in BIAS_GROUPS if group_biases(model, group)]
     if not present:
-        return "it has no bias terms at all, so BitFit has nothing to train (--mode full trains every weight)"
+        return "it has no bias terms at all, so BitFit has nothing to train"
     return (f"the groups it has: {', '.join(present)} (or give a regular expression over parameter "
             f"names)")
+
+
+def add_biases_hint(model: torch.nn.Module, term: str) -> str:
+    """What to do when term chooses no bias: --add-biases, where it would find bias-less Linear layers."""
+    if addable_biases(model, term):
+        return "; --add-biases gives its bias-less Linear layers zero biases to train"
+    if not any(is_bias(name) for name, _ in model.named_parameters()):
+        return " (--mode full trains every weight)"
+    return ""
+
+
+# ------------------------------------------------------------------ adding biases (--add-biases)
+
+
+def addable_biases(model: torch.nn.Module, bias_terms: str) -> dict[str, torch.nn.Linear]:
+    """name the bias would have -> Linear layer, for the bias-less Linear layers bias_terms chooses.
+
+    `all` means every Linear layer but the output head (often tied to the embedding, and no
+    architecture's config can give it a bias on export); a group means its modules; any other
+    term is a regular expression searched for in the name the bias would have.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    addable = {}
+    for term in (term.strip() for term in bias_terms.split(",")):
+        for path, module in model.named_modules():
+            if not isinstance(module, torch.nn.Linear) or module.bias is not None or module is head:
+                continue
+            name = f"{path}.bias"
+            if term == "all" or (term in GROUP_MODULES and ends_with(path, GROUP_MODULES[term])) or (
+                    term not in BIAS_GROUPS and _searches(term, name)):
+                addable[name] = module
+    return addable
+
+
+def _searches(pattern: str, name: str) -> bool:
+    try:
+        return re.search(pattern, name) is not None
+    except re.error:
+        return False  # choose_biases reports the bad expression
+
+
+def add_biases(model: torch.nn.Module, bias_terms: str) -> list[str]:
+    """Give the chosen bias-less Linear layers a zero bias; return the names of the added biases."""
+    addable = addable_biases(model, bias_terms)
+    for module in addable.values():
+        add_zero_bias(module)
+    return list(addable)
+
+
+def add_zero_bias(module: torch.nn.Linear) -> None:
+    """Register a zero bias on module: nn.Linear's forward adds it, which changes no output.
+
+    The mark goes on the Parameter itself rather than in a list of names kept beside the model:
+    it travels with the tensor whatever wraps the model or prefixes its names, and it leaves
+    with the bias when remove_added_bias takes it away. The delta and the base fingerprint read it.
+    """
+    weight = module.weight
+    module.bias = torch.nn.Parameter(torch.zeros(module.out_features, dtype=weight.dtype, device=weight.device),
+                                     requires_grad=weight.requires_grad)
+    module.bias.bitfit_added = True
+
+
+def remove_added_bias(module: torch.nn.Linear) -> None:
+    module.bias = None  # as nn.Linear(..., bias=False) registers it: the base, exactly
+
+
+def is_added_bias(param: torch.Tensor) -> bool:
+    return getattr(param, "bitfit_added", False)
 
 
 def trained_entries(chosen: dict[str, dict]) -> dict[str, torch.Tensor | None]:

@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from bitfit.bias import add_zero_bias, is_added_bias, remove_added_bias
 from bitfit.errors import InputError
 
 BIAS_FILE = "bias.safetensors"
@@ -40,35 +41,41 @@ def save_json(path: Path, data) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
 
 
-def save_bias_delta(path: Path, model: torch.nn.Module, names: list[str], base_model: str) -> None:
+def save_bias_delta(path: Path, model: torch.nn.Module, names: list[str], base_model: str,
+                    added_biases: list[str] | None = None) -> None:
     """Save the named trained tensors, under their state-dict names, with what they must be paired with.
 
     The metadata (safetensors allows only str -> str) records the base's id or path, the model
     class, each tensor's shape and dtype, and a fingerprint of the frozen weights, so that
     applying the delta to the wrong base is refused rather than silently producing nonsense.
+    added_biases lists the tensors the base does not have (--add-biases); by default, those
+    of names that bitfit.bias.add_zero_bias marked.
     """
     params = dict(model.named_parameters())
+    if added_biases is None:
+        added_biases = [name for name in names if is_added_bias(params[name])]
     tensors = {name: params[name].detach().to("cpu", copy=True).contiguous() for name in names}
     listing = {name: {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
                for name, tensor in tensors.items()}
     metadata = {"format": DELTA_FORMAT, "base_model": base_model,
                 "model_class": type(model).__name__, "tensors": json.dumps(listing),
-                "base_fingerprint": base_fingerprint(model, names)}
+                "base_fingerprint": base_fingerprint(model, names), "added_biases": json.dumps(added_biases)}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def base_fingerprint(model: torch.nn.Module, delta_names) -> str:
     """A short hash that tells one base model from another: names, shapes and a few values.
 
-    Only the frozen parameters (those not in the delta) count, since training changes the rest.
+    Only the frozen parameters (those not in the delta) count, since training changes the rest;
+    biases added by --add-biases are not the base's, and never count.
     Hashing whole tensors would read every weight of a 1B model; the first few values and the
     last of each tensor tell one checkpoint from another (fine-tuning moves nearly every value,
     though a single edited weight would go unseen), and they reach the CPU in one transfer.
     They are rounded to bfloat16 first, so the same base loaded in fp32 or bf16 matches.
     """
     delta_names = set(delta_names)
-    frozen = sorted(((name, param) for name, param in model.named_parameters() if name not in delta_names),
-                    key=lambda item: item[0])
+    frozen = sorted(((name, param) for name, param in model.named_parameters()
+                     if name not in delta_names and not is_added_bias(param)), key=lambda item: item[0])
     samples = []
     for _, param in frozen:
         flat = param.detach().reshape(-1)
@@ -125,7 +132,14 @@ def check_bias_delta(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
                          f"({metadata.get('base_model', 'base not recorded')}), but the model is a "
                          f"{type(model).__name__}")
     params = dict(model.named_parameters())
+    added = set(delta_added_biases(metadata))
     for name, tensor in tensors.items():
+        if name not in params and name in added:
+            layer = _bias_less_linear(model, name)
+            if layer is None or (layer.out_features,) != tuple(tensor.shape):
+                raise InputError(f"bias delta adds {name!r}, but the model has no bias-less Linear layer "
+                                 f"of {tensor.shape[0]} outputs there")
+            continue
         if name not in params:
             raise InputError(f"bias delta holds {name!r}, which the model does not have")
         if params[name].shape != tensor.shape:
@@ -145,24 +159,49 @@ def apply_bias_delta(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
                      metadata: dict[str, str] | None = None, force: bool = False) -> dict[str, torch.Tensor]:
     """Copy each delta tensor into the model parameter of the same name, once it is checked.
 
-    Returns the values it overwrote: remove_bias_delta(model, previous) puts them back, bit for
-    bit, so one base in memory can serve several deltas in turn.
+    A bias the delta says was added (--add-biases) is first created, zero, on its Linear layer.
+    Returns the values it overwrote, None for a created bias: remove_bias_delta(model, previous)
+    puts them back (and takes created biases away), bit for bit, so one base in memory can serve
+    several deltas in turn.
     """
     check_bias_delta(model, tensors, metadata, force)
+    previous = {}
+    for name in tensors:
+        if name not in dict(model.named_parameters()):
+            add_zero_bias(_bias_less_linear(model, name))
+            previous[name] = None
     params = dict(model.named_parameters())
     with torch.no_grad():
-        previous = {name: params[name].detach().clone() for name in tensors}
         for name, tensor in tensors.items():
+            if name not in previous:
+                previous[name] = params[name].detach().clone()
             params[name].copy_(tensor)
     return previous
 
 
-def remove_bias_delta(model: torch.nn.Module, previous: dict[str, torch.Tensor]) -> None:
-    """Undo apply_bias_delta: restore the values it returned."""
+def remove_bias_delta(model: torch.nn.Module, previous: dict[str, torch.Tensor | None]) -> None:
+    """Undo apply_bias_delta: restore the values it returned, and remove the biases it added."""
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in previous.items():
-            params[name].copy_(tensor)
+            if tensor is None:
+                remove_added_bias(model.get_submodule(name.removesuffix(".bias")))
+            else:
+                params[name].copy_(tensor)
+
+
+def delta_added_biases(metadata: dict[str, str] | None) -> list[str]:
+    """The delta's tensors that its base does not have: biases --add-biases created."""
+    return json.loads((metadata or {}).get("added_biases", "[]"))
+
+
+def _bias_less_linear(model: torch.nn.Module, name: str) -> torch.nn.Linear | None:
+    """The Linear layer that the bias called name belongs on, if the model has it without a bias."""
+    try:
+        module = model.get_submodule(name.removesuffix(".bias")) if name.endswith(".bias") else None
+    except AttributeError:
+        return None
+    return module if isinstance(module, torch.nn.Linear) and module.bias is None else None
 
 
 def save_model_folder(folder: Path, model, tokenizer) -> None:

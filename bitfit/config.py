@@ -52,6 +52,7 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, more time
     compile: bool = False  # torch.compile the transformer body
     bias_terms: str = "all"  # BitFit: comma list of bias groups or regular expressions (bitfit.bias)
+    add_biases: bool = False  # BitFit: give the chosen bias-less Linear layers zero biases to train
 
     def __post_init__(self):
         _check_choice("--mode", self.mode, MODES)
@@ -84,6 +85,9 @@ class TrainConfig:
         if self.mode == "full" and self.bias_terms != "all":
             raise InputError(f"--bias-terms {self.bias_terms} chooses biases for --mode bitfit; "
                              f"--mode full trains every parameter")
+        if self.mode == "full" and self.add_biases:
+            raise InputError("--add-biases gives a bias-free model biases for --mode bitfit to train; "
+                             "--mode full trains every weight as it is")
         if self.output_dir is None:
             self.output_dir = str(Path("runs") / self.mode)
 

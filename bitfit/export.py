@@ -4,13 +4,21 @@
 
 The folder (weights with the tuned biases in place, config, tokenizer) loads with
 AutoModelForCausalLM.from_pretrained and needs neither bitfit nor the delta to run.
+
+A delta with biases that --add-biases created needs an architecture whose config can switch
+those biases on (LLaMA's attention_bias and mlp_bias); where none can, export refuses.
 """
 
+import copy
 import sys
 from pathlib import Path
 
 from bitfit.cli import ArgumentParser, run_main
 from bitfit.errors import InputError
+
+# Config switches that give Linear layers biases: LLaMA's attention_bias (q, k, v and o projections)
+# and mlp_bias (gate, up and down), also used by configs derived from LLaMA's.
+BIAS_FLAGS = ("attention_bias", "mlp_bias")
 
 
 def parse_args(argv=None):
@@ -27,7 +35,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from bitfit.checkpoint import apply_bias_delta, load_bias_delta, recorded_base, save_model_folder
+    from bitfit.checkpoint import (apply_bias_delta, delta_added_biases, load_bias_delta, recorded_base,
+                                   save_model_folder)
     from bitfit.model import load_model_and_tokenizer
 
     tensors, metadata = load_bias_delta(args.bias)
@@ -41,8 +50,52 @@ def main(argv=None) -> None:
         apply_bias_delta(model, tensors, metadata, force=args.force)
     except InputError as error:
         raise InputError(f"{args.bias}: {error} (this base: {model_name})") from None
+    flags = hold_added_biases(model, delta_added_biases(metadata)) if delta_added_biases(metadata) else []
     save_model_folder(out, model, tokenizer)
-    print(f"wrote {out}: {model_name} with the {len(tensors)} bias tensors of {args.bias} merged in")
+    note = f" (config: {', '.join(f'{flag}=True' for flag in flags)}, for the added biases)" if flags else ""
+    print(f"wrote {out}: {model_name} with the {len(tensors)} bias tensors of {args.bias} merged in{note}")
+
+
+def hold_added_biases(model, added: list[str]) -> list[str]:
+    """Switch on the config flags that give the added biases a place in a saved model folder;
+    return the flags switched on.
+
+    A flag usually creates more biases than the delta trained (attention_bias creates q, k, v and
+    o's): those get zeros, which change no output. Which flag creates which bias is found by
+    building the model with it on the meta device (shapes only, no memory).
+    """
+    import torch
+    import transformers
+
+    from bitfit.bias import add_zero_bias, is_bias
+
+    def bias_names(config) -> set[str]:
+        with torch.device("meta"):
+            skeleton = transformers.AutoModelForCausalLM.from_config(config)
+        return {name for name, _ in skeleton.named_parameters() if is_bias(name)}
+
+    config = copy.deepcopy(model.config)
+    held = bias_names(config)
+    for flag in BIAS_FLAGS:
+        if getattr(config, flag, None) is False and not set(added) <= held:
+            setattr(config, flag, True)
+            with_flag = bias_names(config)
+            if with_flag & (set(added) - held):
+                held = with_flag
+            else:
+                setattr(config, flag, False)
+    missing = [name for name in added if name not in held]
+    if missing:
+        raise InputError(f"a {type(model).__name__} cannot hold the biases that --add-biases added (such "
+                         f"as {missing[0]}): its config has no switch for them, so no model folder can carry "
+                         f"them; use the delta directly with generate.py --bias")
+    present = {name for name, _ in model.named_parameters()}
+    for name in sorted(held - present):
+        add_zero_bias(model.get_submodule(name.removesuffix(".bias")))
+    switched = [flag for flag in BIAS_FLAGS if getattr(config, flag, None) != getattr(model.config, flag, None)]
+    for flag in switched:
+        setattr(model.config, flag, True)
+    return switched
 
 
 def _check_out_folder(out: Path, model_name: str) -> None:

@@ -10,6 +10,7 @@ import torch
 from tqdm import tqdm
 
 from bitfit.data import collate, optimizer_windows
+from bitfit.distributed import SINGLE, all_reduce_grads, all_reduce_sum, any_rank, shard
 from bitfit.errors import InputError, Interrupted
 from bitfit.loss import causal_lm_loss_sum, label_token_count
 from bitfit.metrics import perplexity
@@ -29,13 +30,14 @@ def new_progress() -> dict:
 
 
 def train_loop(model, optimizer, examples, config, *, pad_id, device, metrics_log=None,
-               eval_examples=(), progress=None) -> dict:
+               eval_examples=(), progress=None, world=SINGLE) -> dict:
     """Train from progress (a fresh run when None) to config's epochs or max_steps.
 
+    Under torchrun, world says which rank this is; the counts in progress are then global.
     Returns the final progress: steps, samples, tokens, loss and eval sums, training seconds.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    total_steps = count_optimizer_steps(len(examples), config)
+    total_steps = count_optimizer_steps(len(examples), config, world.world_size)
     warmup_steps = int(config.warmup_ratio * total_steps)
     run = progress or new_progress()
     log = metrics_log.write if metrics_log is not None else (lambda record: None)
@@ -50,8 +52,9 @@ def train_loop(model, optimizer, examples, config, *, pad_id, device, metrics_lo
         scaler.load_state_dict(run["grad_scaler"])
     model.train()
     windows = iter_windows(len(examples), config, run["epoch"], run["position"],
-                           [len(example["input_ids"]) for example in examples])
-    bar = tqdm(total=total_steps, initial=run["step"], desc=config.mode, unit="step", dynamic_ncols=True)
+                           [len(example["input_ids"]) for example in examples], world.world_size)
+    bar = tqdm(total=total_steps, initial=run["step"], desc=config.mode, unit="step", dynamic_ncols=True,
+               disable=not world.is_main)
     with StopOnCtrlC() as ctrl_c:
         for step in range(run["step"], total_steps):
             step_start = time.perf_counter()
@@ -61,27 +64,32 @@ def train_loop(model, optimizer, examples, config, *, pad_id, device, metrics_lo
                 group["lr"] = lr
 
             # Collate the whole window first: the loss normaliser is its number of label tokens.
-            batches = [collate([examples[i] for i in ids], pad_id) for ids in window]
-            window_label_tokens = sum(label_token_count(batch["labels"]) for batch in batches)
+            # Under torchrun each rank collates only its own slice of the window.
+            batches = [collate([examples[i] for i in ids], pad_id)
+                       for ids in shard(window, config.batch_size, world)]
+            window_label_tokens, samples, tokens, padded_tokens = window_counts(batches, device, world)
+            run["samples"] += samples
+            run["tokens"] += tokens
+            run["padded_tokens"] += padded_tokens
             window_loss_sum = torch.zeros((), device=device)
             for batch in batches:
-                # Count on the CPU copy: reading a count back from the GPU would wait for it.
-                run["samples"] += batch["input_ids"].size(0)
-                run["tokens"] += int(batch["attention_mask"].sum())
-                run["padded_tokens"] += batch["input_ids"].numel()
                 batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
                 with autocast(device, config.dtype):
                     loss_sum = causal_lm_loss_sum(model, batch)
                 # Divide by the label tokens of the whole window, not of this micro-batch: every
                 # token then weighs the same however the window is split, so batch 1 x accum 8
                 # and batch 8 x accum 1 produce the same gradient. (A per-micro-batch mean would
-                # make a 5-token answer count as much as a 200-token one.)
+                # make a 5-token answer count as much as a 200-token one.) Across ranks, the
+                # window is the global one: its label tokens are summed over every rank.
                 scaler.scale(loss_sum / window_label_tokens).backward()
                 window_loss_sum += loss_sum.detach()
 
+            # The ranks' gradients are summed once per optimizer step, not per micro-batch:
+            # afterwards every rank holds the same gradient, so clipping and the step agree.
+            all_reduce_grads(params)
             scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm).item()
-            window_loss_sum = window_loss_sum.item()
+            window_loss_sum = all_reduce_sum(window_loss_sum).item()
             # An inf gradient under fp16 only means the loss scale was too high: the scaler
             # skips that step and lowers the scale. Anything else non-finite is divergence.
             if not (math.isfinite(window_loss_sum) and (math.isfinite(grad_norm) or scaler.is_enabled())):
@@ -114,9 +122,11 @@ def train_loop(model, optimizer, examples, config, *, pad_id, device, metrics_lo
             if eval_examples and (last_step or (config.eval_every and (step + 1) % config.eval_every == 0)):
                 run["eval_loss_after"] = evaluate(model, eval_examples, config, pad_id, device)
                 log(eval_record(step + 1, run["eval_loss_after"]))
-            if ctrl_c.pressed or (config.save_every and ((step + 1) % config.save_every == 0 or last_step)):
+            stop = any_rank(ctrl_c.pressed, device)  # every rank stops at the same step
+            save = stop or (config.save_every and ((step + 1) % config.save_every == 0 or last_step))
+            if save and world.is_main:  # the ranks hold the same state: one copy is enough
                 save_training_state(config.output_dir, model, optimizer, config, run)
-            if ctrl_c.pressed and not last_step:
+            if stop and not last_step:
                 bar.close()
                 raise Interrupted(f"checkpoint saved at optimizer step {step + 1} of {total_steps} in "
                                   f"{config.output_dir}; continue with: python train.py --resume "
@@ -151,21 +161,36 @@ def eval_record(step: int, loss: float) -> dict:
     return {"step": step, "eval_loss": loss, "eval_perplexity": perplexity(loss)}
 
 
-def count_optimizer_steps(num_examples: int, config) -> int:
+def window_counts(batches: list[dict], device, world) -> tuple[int, int, int, int]:
+    """Label tokens, samples, tokens and padded positions of the window, summed over the ranks."""
+    # Count on the CPU copies: reading a count back from the GPU would wait for it.
+    counts = [sum(label_token_count(batch["labels"]) for batch in batches),
+              sum(batch["input_ids"].size(0) for batch in batches),
+              sum(int(batch["attention_mask"].sum()) for batch in batches),
+              sum(batch["input_ids"].numel() for batch in batches)]
+    if world.world_size > 1:
+        counts = all_reduce_sum(torch.tensor(counts, device=device)).tolist()
+    return tuple(counts)
+
+
+def count_optimizer_steps(num_examples: int, config, world_size: int = 1) -> int:
     if config.max_steps is not None:
         return config.max_steps
-    return config.epochs * windows_per_epoch(num_examples, config)
+    return config.epochs * windows_per_epoch(num_examples, config, world_size)
 
 
-def windows_per_epoch(num_examples: int, config) -> int:
-    return math.ceil(math.ceil(num_examples / config.batch_size) / config.grad_accum)
+def windows_per_epoch(num_examples: int, config, world_size: int = 1) -> int:
+    return math.ceil(math.ceil(num_examples / (config.batch_size * world_size)) / config.grad_accum)
 
 
-def iter_windows(num_examples: int, config, epoch: int = 0, position: int = 0, lengths=None):
-    """Yield (epoch, position, window) from the given point on, reshuffling at each new epoch."""
+def iter_windows(num_examples: int, config, epoch: int = 0, position: int = 0, lengths=None, world_size: int = 1):
+    """Yield (epoch, position, window) from the given point on, reshuffling at each new epoch.
+
+    A window's micro-batches are global ones of batch_size x world_size examples.
+    """
     while True:
-        windows = optimizer_windows(num_examples, config.batch_size, config.grad_accum, config.seed, epoch,
-                                    lengths if config.group_by_length else None)
+        windows = optimizer_windows(num_examples, config.batch_size * world_size, config.grad_accum, config.seed,
+                                    epoch, lengths if config.group_by_length else None)
         for index in range(position, len(windows)):
             yield epoch, index, windows[index]
         epoch, position = epoch + 1, 0

@@ -77,5 +77,8 @@ def format_summary(summary: dict) -> str:
         ("peak RSS", gib(summary["peak_rss_bytes"])),
         ("device", summary["device"]),
     ]
+    if summary["world_size"] > 1:
+        rows.append(("ranks", f"{summary['world_size']} (counts and throughput are their sum, "
+                              f"peak GPU memory the largest rank's)"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import torch
 
-from bitfit.bias import (count_parameters, describe_bias_terms, describe_counts, mask_gradients, partly_trained,
-                         select_trainable, trainable_parameters)
+from bitfit.bias import (add_biases, count_parameters, describe_bias_terms, describe_counts, mask_gradients,
+                         partly_trained, select_trainable, trainable_parameters)
 from bitfit.checkpoint import BIAS_FILE, save_bias_delta, save_json, save_model_folder
 from bitfit.config import TrainConfig
 from bitfit.data import load_rows, split_rows, tokenize_rows
+from bitfit.distributed import SINGLE, gather_objects
 from bitfit.errors import InputError
 from bitfit.loop import count_optimizer_steps, train_loop
 from bitfit.metrics import (MetricsLog, format_summary, peak_memory_bytes, peak_rss_bytes, perplexity,
@@ -24,10 +25,18 @@ from bitfit.model import (keep_norms_in_fp32, load_model_and_tokenizer, pad_toke
 from bitfit.resume import restore_training_state
 
 
-def run(config: TrainConfig, resume_state: dict | None = None, log=print) -> dict:
+def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=SINGLE) -> dict:
     """Train as config says (continuing from resume_state if given), write the run folder,
-    and return the summary."""
+    and return the summary.
+
+    Under torchrun (world from bitfit.distributed.setup) every rank calls this; only rank 0
+    logs and writes files.
+    """
     device = resolve_device(config.device)
+    if device.type == "cuda" and world.world_size > 1:
+        device = torch.device("cuda", world.local_rank)
+    if not world.is_main:
+        log = lambda message: None  # noqa: E731
     rows = load_rows(config.data, config.split, config.limit)
     train_rows, eval_rows = split_rows(rows, config.eval_size, config.seed)
     # Both modes start from the same fresh pretrained weights: never chain one mode's result
@@ -47,7 +56,8 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print) -> dic
         log(f"dropped {dropped + eval_dropped} of {len(rows)} rows: their response did not fit in "
             f"--max-len {config.max_len}")
 
-    torch.manual_seed(config.seed)  # dropout; the data order has its own seeded generator
+    # Dropout (each rank its own masks); the data order has its own seeded generator.
+    torch.manual_seed(config.seed + world.rank)
     trained_names, optimizer = prepare_for_training(model, config, device)
     masks = {}
     if config.mode == "bitfit":
@@ -58,38 +68,48 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print) -> dic
     progress = None
     if resume_state is not None:
         progress = restore_training_state(resume_state, model, optimizer)
-        total_steps = count_optimizer_steps(len(examples), config)
+        total_steps = count_optimizer_steps(len(examples), config, world.world_size)
         if progress["step"] >= total_steps:
             raise InputError(f"the run in {config.output_dir} already reached step {progress['step']} "
                              f"of {total_steps}; pass a larger --max-steps or --epochs to extend it")
         log(f"resuming at optimizer step {progress['step']} of {total_steps}")
 
     output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    save_json(output_dir / "train_config.json", config.to_dict())
-    metrics_log = MetricsLog(output_dir / "metrics.jsonl",
-                             keep_through_step=progress["step"] if progress else None)
+    metrics_log = None
+    if world.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_json(output_dir / "train_config.json", config.to_dict())
+        metrics_log = MetricsLog(output_dir / "metrics.jsonl",
+                                 keep_through_step=progress["step"] if progress else None)
     reset_peak_memory(device)
     try:
         progress = train_loop(model, optimizer, examples, config, pad_id=pad_token_id(tokenizer),
                               device=device, metrics_log=metrics_log, eval_examples=eval_examples,
-                              progress=progress)
+                              progress=progress, world=world)
     finally:
-        metrics_log.close()
+        if metrics_log is not None:
+            metrics_log.close()
 
-    if config.mode == "bitfit":
-        save_bias_delta(output_dir / BIAS_FILE, model, trained_names, base_model=config.model)
-    else:
-        save_model_folder(output_dir / "model", model, tokenizer)
+    peak_memory_per_rank = gather_objects(peak_memory_bytes(device))
     summary = build_summary(config, progress, trainable=trainable, total=total, device=device,
-                            dropped_rows=dropped + eval_dropped, eval_rows=len(eval_examples))
-    save_json(output_dir / "summary.json", summary)
+                            dropped_rows=dropped + eval_dropped, eval_rows=len(eval_examples),
+                            world_size=world.world_size, peak_memory_per_rank=peak_memory_per_rank)
+    if world.is_main:  # every rank holds the same trained tensors
+        if config.mode == "bitfit":
+            save_bias_delta(output_dir / BIAS_FILE, model, trained_names, base_model=config.model)
+        else:
+            save_model_folder(output_dir / "model", model, tokenizer)
+        save_json(output_dir / "summary.json", summary)
     log(format_summary(summary))
     return summary
 
 
-def build_summary(config, progress, *, trainable, total, device, dropped_rows, eval_rows) -> dict:
-    seconds = progress["seconds"]
+def build_summary(config, progress, *, trainable, total, device, dropped_rows, eval_rows, world_size=1,
+                  peak_memory_per_rank=None) -> dict:
+    """The run's summary; progress's counts are already global (summed over the ranks)."""
+    seconds = progress["seconds"]  # rank 0's clock: the ranks wait for each other every step
+    if peak_memory_per_rank is None:
+        peak_memory_per_rank = [peak_memory_bytes(device)]
     return {
         "mode": config.mode,
         "model": config.model,
@@ -107,7 +127,10 @@ def build_summary(config, progress, *, trainable, total, device, dropped_rows, e
         "seconds": seconds,
         "samples_per_s": progress["samples"] / seconds,
         "tokens_per_s": progress["tokens"] / seconds,
-        "peak_memory_bytes": peak_memory_bytes(device),
+        "world_size": world_size,
+        # The largest rank's peak: what a GPU must hold for the run to fit (null on CPU).
+        "peak_memory_bytes": None if None in peak_memory_per_rank else max(peak_memory_per_rank),
+        "peak_memory_bytes_per_rank": peak_memory_per_rank,
         "peak_rss_bytes": peak_rss_bytes(),
         "device": device_name(device),
         "dtype": config.dtype,
@@ -123,6 +146,10 @@ def build_summary(config, progress, *, trainable, total, device, dropped_rows, e
 def prepare_for_training(model, config: TrainConfig, device: torch.device):
     """Freeze for the mode, set precisions and memory options, move to device; return
     (names of the trained parameters, optimizer)."""
+    if config.add_biases:
+        # Zero biases change no output, so training starts from the base model exactly; they are
+        # marked as added, which the delta records so that loading can create them again.
+        add_biases(model, config.bias_terms)
     trained_names = select_trainable(model, config.mode, config.bias_terms)
     if weights_dtype(config) != torch.float32:
         keep_norms_in_fp32(model)
