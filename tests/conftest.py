@@ -67,3 +67,15 @@ def alpaca_file(tmp_path):
     path = tmp_path / "rows.json"
     path.write_text(json.dumps(ROWS))
     return str(path)
+
+
+def cli(main, argv, capsys):
+    """Run a command-line main in-process; return (exit status, stdout, stderr)."""
+    from bitfit.cli import run_main
+
+    try:
+        status = run_main(main, argv)
+    except SystemExit as exit:  # argparse's own usage errors
+        status = exit.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err

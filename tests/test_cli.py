@@ -8,18 +8,7 @@ import pytest
 
 import generate
 import train
-from bitfit.cli import run_main
-from conftest import ROOT
-
-
-def cli(main, argv, capsys):
-    """Run a CLI's main in-process; return (exit status, stdout, stderr)."""
-    try:
-        status = run_main(main, argv)
-    except SystemExit as exit:  # argparse's own usage errors
-        status = exit.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
+from conftest import ROOT, cli
 
 
 def script(*args, cwd):

@@ -14,22 +14,12 @@ from bitfit import export
 from bitfit.bias import is_bias
 from bitfit.checkpoint import (apply_bias_delta, base_fingerprint, load_bias_delta, remove_bias_delta,
                                save_bias_delta)
-from bitfit.cli import run_main
 from bitfit.errors import InputError
 from bitfit.inference import generate_answers
 from bitfit.model import load_model_and_tokenizer
+from conftest import cli
 
 PROBE = torch.tensor([[5, 17, 42, 99, 3, 250]])
-
-
-def cli(main, argv, capsys):
-    """Run a CLI's main in-process; return (exit status, stdout, stderr)."""
-    try:
-        status = run_main(main, argv)
-    except SystemExit as exit:  # argparse's own usage errors
-        status = exit.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
 
 
 def load_base(folder):
