@@ -10,6 +10,7 @@ One module per idea:
     checkpoint  bias deltas and model folders on disk, written atomically
     metrics     memory, throughput, the summary
     resume      the resumable training state (checkpoint.pt)
+    distributed several processes under torchrun: sharding and all-reduces
     run         a training run from settings to files: setup, loop, save
     inference   answering prompts with a model and its deltas
     export      merging a delta into an ordinary model folder
