@@ -20,8 +20,8 @@ from bitfit.errors import InputError
 from bitfit.loop import count_optimizer_steps, train_loop
 from bitfit.metrics import (MetricsLog, format_summary, peak_memory_bytes, peak_rss_bytes, perplexity,
                             reset_peak_memory)
-from bitfit.model import (keep_norms_in_fp32, load_model_and_tokenizer, pad_token_id, resolve_device,
-                          weights_dtype)
+from bitfit.model import (fuse_tanh_gelu, keep_norms_in_fp32, load_model_and_tokenizer, pad_token_id,
+                          resolve_device, weights_dtype)
 from bitfit.resume import restore_training_state
 
 
@@ -151,6 +151,7 @@ def prepare_for_training(model, config: TrainConfig, device: torch.device):
         # marked as added, which the delta records so that loading can create them again.
         add_biases(model, config.bias_terms)
     trained_names = select_trainable(model, config.mode, config.bias_terms)
+    fuse_tanh_gelu(model)
     if weights_dtype(config) != torch.float32:
         keep_norms_in_fp32(model)
     with torch.no_grad():

@@ -9,7 +9,7 @@ from bitfit.config import TrainConfig
 from bitfit.data import collate, optimizer_windows, tokenize_rows
 from bitfit.loop import train_loop
 from bitfit.loss import causal_lm_loss_sum, loss_sum_from_logits
-from bitfit.model import load_model_and_tokenizer, pad_token_id, weights_dtype
+from bitfit.model import fuse_tanh_gelu, load_model_and_tokenizer, pad_token_id, weights_dtype
 from bitfit.run import prepare_for_training
 from conftest import ROWS
 
@@ -114,3 +114,39 @@ def test_summary_reports_the_padding_fraction(tiny, tmp_path):
     assert 0 < progress["tokens"] < progress["padded_tokens"]
     _, _, unpadded = train_copy(folder, tokenizer, examples, tmp_path, batch_size=1)
     assert unpadded["tokens"] == unpadded["padded_tokens"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bloom"])
+def test_fused_gelu_gives_the_same_loss_and_bias_gradients(family):
+    from transformers import AutoModelForCausalLM, BloomConfig, GPT2Config
+
+    no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # BLOOM's default is none
+    config = {"gpt2": GPT2Config(n_embd=32, n_head=2, n_layer=2, n_positions=32, vocab_size=64, **no_dropout),
+              "bloom": BloomConfig(hidden_size=32, n_head=2, n_layer=2, vocab_size=64)}[family]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).train()  # BLOOM's gelu has its own training path
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_bias(name))
+    ids = torch.randint(0, 64, (2, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    loss = causal_lm_loss_sum(model, batch)
+    reference = bias_grads(model, loss)
+
+    assert fuse_tanh_gelu(model) == 2  # one per MLP
+    assert sum(isinstance(module, torch.nn.GELU) for module in model.modules()) == 2
+    fused_loss = causal_lm_loss_sum(model, batch)
+    assert fused_loss.item() == pytest.approx(loss.item(), rel=1e-6)
+    fused = bias_grads(model, fused_loss)
+    assert fused.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(fused[name], reference[name], rtol=1e-4, atol=1e-6)
+
+
+def test_training_uses_the_fused_gelu(tiny, tmp_path):
+    from transformers.activations import NewGELUActivation
+
+    folder, _, _ = tiny
+    model, _ = load_model_and_tokenizer(folder)
+    assert any(isinstance(module, NewGELUActivation) for module in model.modules())
+    prepare_for_training(model, TrainConfig(mode="bitfit", output_dir=str(tmp_path)), CPU)
+    assert not any(isinstance(module, NewGELUActivation) for module in model.modules())
