@@ -21,7 +21,7 @@ from bitfit.loop import count_optimizer_steps, train_loop
 from bitfit.metrics import (MetricsLog, format_summary, peak_memory_bytes, peak_rss_bytes, perplexity,
                             reset_peak_memory)
 from bitfit.model import (fuse_tanh_gelu, keep_norms_in_fp32, load_model_and_tokenizer, pad_token_id,
-                          resolve_device, weights_dtype)
+                          prefer_eager_attention_on_cpu, resolve_device, weights_dtype)
 from bitfit.resume import restore_training_state
 
 
@@ -167,6 +167,7 @@ def prepare_for_training(model, config: TrainConfig, device: torch.device):
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
+    prefer_eager_attention_on_cpu(model, device)
     # A fused q,k,v bias of which only a slice is chosen (--bias-terms query on GPT-2, say)
     # trains through a gradient mask, made on the device where the gradients will be.
     masks = partly_trained(model, config.bias_terms) if config.mode == "bitfit" else {}

@@ -9,7 +9,8 @@ from bitfit.config import TrainConfig
 from bitfit.data import collate, optimizer_windows, tokenize_rows
 from bitfit.loop import train_loop
 from bitfit.loss import causal_lm_loss_sum, loss_sum_from_logits
-from bitfit.model import fuse_tanh_gelu, load_model_and_tokenizer, pad_token_id, weights_dtype
+from bitfit.model import (fuse_tanh_gelu, load_model_and_tokenizer, pad_token_id, prefer_eager_attention_on_cpu,
+                          weights_dtype)
 from bitfit.run import prepare_for_training
 from conftest import ROWS
 
@@ -150,3 +151,29 @@ def test_training_uses_the_fused_gelu(tiny, tmp_path):
     assert any(isinstance(module, NewGELUActivation) for module in model.modules())
     prepare_for_training(model, TrainConfig(mode="bitfit", output_dir=str(tmp_path)), CPU)
     assert not any(isinstance(module, NewGELUActivation) for module in model.modules())
+
+
+def test_attention_dropout_on_cpu_switches_to_eager_attention_with_the_same_loss():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_head=2, n_layer=2, n_positions=32, vocab_size=64,
+                                       attn_pdrop=0.1)).eval()  # eval: dropout off, results comparable
+    ids = torch.randint(0, 64, (2, 12))
+    attention_mask = torch.tensor([[1] * 12, [1] * 9 + [0] * 3])  # the second row is padded
+    labels = ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :4] = -100  # a prompt
+    batch = {"input_ids": ids, "attention_mask": attention_mask, "labels": labels}
+    sdpa_loss = causal_lm_loss_sum(model, batch)
+    assert not prefer_eager_attention_on_cpu(model, torch.device("cuda"))  # fused kernels win on GPUs
+    assert model.config._attn_implementation == "sdpa"
+    assert prefer_eager_attention_on_cpu(model, CPU)
+    assert model.config._attn_implementation == "eager"
+    assert causal_lm_loss_sum(model, batch).item() == pytest.approx(sdpa_loss.item(), rel=1e-6)
+
+
+def test_no_attention_dropout_keeps_the_fused_attention(tiny, tmp_path):
+    folder, _, _ = tiny  # the fixture's model has dropout off
+    model, _ = load_model_and_tokenizer(folder)
+    prepare_for_training(model, TrainConfig(mode="bitfit", output_dir=str(tmp_path)), CPU)
+    assert model.config._attn_implementation == "sdpa"
