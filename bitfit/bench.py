@@ -270,7 +270,7 @@ def measure(args, config: TrainConfig) -> dict:
     import torch
 
     from bitfit.loop import train_loop
-    from bitfit.metrics import peak_memory_bytes, peak_rss_bytes, reset_peak_memory
+    from bitfit.metrics import peak_memory_bytes, peak_rss_bytes, reset_peak_memory, work_done
     from bitfit.model import resolve_device, weights_dtype
     from bitfit.run import device_name, prepare_for_training
 
@@ -303,15 +303,7 @@ def measure(args, config: TrainConfig) -> dict:
         "device": name,
         "total_params": num_params,
         "trainable_params": sum(model.get_parameter(n).numel() for n in trained_names),
-        "optimizer_steps": progress["step"],
-        "samples": progress["samples"],
-        "tokens": progress["tokens"],
-        "padded_tokens": progress["padded_tokens"],
-        "padding_fraction": 1 - progress["tokens"] / progress["padded_tokens"],
-        "train_loss": progress["loss_sum"] / progress["label_tokens"],
-        "seconds": seconds,
-        "samples_per_s": progress["samples"] / seconds,
-        "tokens_per_s": progress["tokens"] / seconds,
+        **work_done(progress),
         "peak_allocated_bytes": peak_memory_bytes(device),
         "peak_reserved_bytes": torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None,
         "peak_rss_bytes": peak_rss_bytes(),

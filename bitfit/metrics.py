@@ -27,6 +27,23 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def work_done(progress: dict) -> dict:
+    """What a training loop's progress (bitfit.loop.new_progress) amounts to: counts and rates."""
+    seconds = progress["seconds"]
+    return {
+        "optimizer_steps": progress["step"],
+        "samples": progress["samples"],
+        "tokens": progress["tokens"],
+        "label_tokens": progress["label_tokens"],
+        "padding_fraction": 1 - progress["tokens"] / progress["padded_tokens"],
+        # Token-weighted over the run, like each step's loss: total loss / total label tokens.
+        "train_loss": progress["loss_sum"] / progress["label_tokens"],
+        "seconds": seconds,
+        "samples_per_s": progress["samples"] / seconds,
+        "tokens_per_s": progress["tokens"] / seconds,
+    }
+
+
 def perplexity(loss: float | None) -> float | None:
     return None if loss is None else math.exp(min(loss, 700))  # exp(710) overflows a float
 

@@ -19,7 +19,7 @@ from bitfit.distributed import SINGLE, gather_objects
 from bitfit.errors import InputError
 from bitfit.loop import count_optimizer_steps, train_loop
 from bitfit.metrics import (MetricsLog, format_summary, peak_memory_bytes, peak_rss_bytes, perplexity,
-                            reset_peak_memory)
+                            reset_peak_memory, work_done)
 from bitfit.model import (fuse_tanh_gelu, keep_norms_in_fp32, load_model_and_tokenizer, pad_token_id,
                           prefer_eager_attention_on_cpu, resolve_device, weights_dtype)
 from bitfit.resume import restore_training_state
@@ -107,7 +107,6 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=
 def build_summary(config, progress, *, trainable, total, device, dropped_rows, eval_rows, world_size=1,
                   peak_memory_per_rank=None) -> dict:
     """The run's summary; progress's counts are already global (summed over the ranks)."""
-    seconds = progress["seconds"]  # rank 0's clock: the ranks wait for each other every step
     if peak_memory_per_rank is None:
         peak_memory_per_rank = [peak_memory_bytes(device)]
     return {
@@ -117,16 +116,8 @@ def build_summary(config, progress, *, trainable, total, device, dropped_rows, e
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": 100 * trainable / total,
-        "optimizer_steps": progress["step"],
-        "samples": progress["samples"],
-        "tokens": progress["tokens"],
-        "label_tokens": progress["label_tokens"],
-        "padding_fraction": 1 - progress["tokens"] / progress["padded_tokens"],
-        # Token-weighted over the run, like each step's loss: total loss / total label tokens.
-        "train_loss": progress["loss_sum"] / progress["label_tokens"],
-        "seconds": seconds,
-        "samples_per_s": progress["samples"] / seconds,
-        "tokens_per_s": progress["tokens"] / seconds,
+        # Counts and rates; the seconds are rank 0's clock (the ranks wait for each other every step).
+        **work_done(progress),
         "world_size": world_size,
         # The largest rank's peak: what a GPU must hold for the run to fit (null on CPU).
         "peak_memory_bytes": None if None in peak_memory_per_rank else max(peak_memory_per_rank),
