@@ -2,9 +2,8 @@
 
 The language-model head is the widest layer of a small LM (bloomz-1b1: 1536 -> 250,880, a third
 of its parameters), and most positions of an instruction example are prompt or padding, whose
-logits the loss never looks at. So the head runs only where a label is, in chunks, and each
-chunk is recomputed in the backward pass rather than kept: the fp32 logits of one chunk are all
-that exist at any moment.
+logits the loss never looks at. So the head runs only where a label is, and in chunks small
+enough that one chunk's fp32 logits are all that exist at any moment.
 """
 
 import torch
@@ -13,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from bitfit.data import IGNORE_INDEX
 
-HEAD_CHUNK_TOKENS = 512  # 512 x 250,880 fp32 logits = 0.5 GB at a time for bloomz
+HEAD_CHUNK_BYTES = 64 * 2**20  # fp32 logits per chunk: 66 positions of bloomz's 250,880-wide vocabulary
 
 
 def label_token_count(labels: torch.Tensor) -> int:
@@ -32,15 +31,53 @@ def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     predicts_a_label = targets != IGNORE_INDEX
     hidden, targets = hidden[:, :-1][predicts_a_label], targets[predicts_a_label]
     head = model.get_output_embeddings()
-    if targets.numel() <= HEAD_CHUNK_TOKENS:
-        # One chunk: recomputing it would save nothing, since the backward pass starts at
-        # the head, while every activation is still alive anyway.
-        return _head_loss_sum(head, hidden, targets)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.numel(), HEAD_CHUNK_TOKENS):
-        chunk = slice(start, start + HEAD_CHUNK_TOKENS)
-        total = total + checkpoint(_head_loss_sum, head, hidden[chunk], targets[chunk], use_reentrant=False)
-    return total
+    chunk_tokens = head_chunk_tokens(head.weight.size(0))
+    if hidden.requires_grad and not any(param.requires_grad for param in head.parameters()):
+        return FrozenHeadLossSum.apply(hidden, head.weight, head.bias, targets, chunk_tokens)
+    if targets.numel() <= chunk_tokens or not torch.is_grad_enabled():
+        # One chunk, or no backward pass to come: nothing is kept that recomputing would spare.
+        return sum(_head_loss_sum(head, hidden[chunk], targets[chunk])
+                   for chunk in chunks(targets.numel(), chunk_tokens))
+    # A trained head (full fine-tuning): each chunk's logits are recomputed in the backward pass.
+    return sum(checkpoint(_head_loss_sum, head, hidden[chunk], targets[chunk], use_reentrant=False)
+               for chunk in chunks(targets.numel(), chunk_tokens))
+
+
+class FrozenHeadLossSum(torch.autograd.Function):
+    """The loss of a frozen head (BitFit's), with its gradient worked out in the forward pass.
+
+    When the head's weight is frozen, the only gradient the loss sends back is the one for the
+    hidden states: (softmax(logits) - one_hot(target)) @ W. Working it out right after each chunk's
+    loss means no logits are kept for the backward pass and none are computed twice; the
+    backward pass only scales the stored gradient, which is hidden-size wide, not vocabulary-wide.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        for chunk in chunks(targets.numel(), chunk_tokens):
+            logits = F.linear(hidden[chunk], weight, bias).float()
+            log_normaliser = logits.logsumexp(dim=-1)
+            total += (log_normaliser - logits.gather(1, targets[chunk, None]).squeeze(1)).sum()
+            probs = logits.sub_(log_normaliser[:, None]).exp_()  # in place: one chunk of logits at a time
+            probs[torch.arange(probs.size(0), device=probs.device), targets[chunk]] -= 1
+            grad_hidden[chunk] = probs.to(weight.dtype) @ weight  # under autocast, in its dtype
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_total, None, None, None, None
+
+
+def head_chunk_tokens(vocab_size: int) -> int:
+    return max(1, HEAD_CHUNK_BYTES // (4 * vocab_size))
+
+
+def chunks(length: int, size: int):
+    return [slice(start, start + size) for start in range(0, length, size)]
 
 
 def _head_loss_sum(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

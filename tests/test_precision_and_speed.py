@@ -7,8 +7,8 @@ import bitfit.loss
 from bitfit.bias import is_bias
 from bitfit.config import TrainConfig
 from bitfit.data import collate, optimizer_windows, tokenize_rows
-from bitfit.loop import train_loop
-from bitfit.loss import causal_lm_loss_sum, loss_sum_from_logits
+from bitfit.loop import autocast, train_loop
+from bitfit.loss import causal_lm_loss_sum, label_token_count, loss_sum_from_logits
 from bitfit.model import (fuse_tanh_gelu, load_model_and_tokenizer, pad_token_id, prefer_eager_attention_on_cpu,
                           weights_dtype)
 from bitfit.run import prepare_for_training
@@ -24,29 +24,34 @@ def tiny(tiny_model_dir):
     return tiny_model_dir, tokenizer, examples
 
 
-def bias_grads(model, loss):
+def grads(model, loss):
     model.zero_grad(set_to_none=True)
     loss.backward()
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("mode", ["bitfit", "full"])  # a frozen head, a trained one
 @pytest.mark.parametrize("chunk_tokens", [512, 7])
-def test_head_on_label_positions_only_matches_the_full_head(tiny, monkeypatch, chunk_tokens):
+def test_head_on_label_positions_only_matches_the_full_head(tiny, monkeypatch, mode, chunk_tokens):
     folder, tokenizer, examples = tiny
-    monkeypatch.setattr(bitfit.loss, "HEAD_CHUNK_TOKENS", chunk_tokens)
     model, _ = load_model_and_tokenizer(folder)
-    config = TrainConfig(model=folder, data="x", output_dir="x")
+    vocab_size = model.get_output_embeddings().weight.size(0)
+    monkeypatch.setattr(bitfit.loss, "HEAD_CHUNK_BYTES", chunk_tokens * 4 * vocab_size)
+    config = TrainConfig(mode=mode, model=folder, data="x", output_dir="x")
     prepare_for_training(model, config, CPU)
     batch = collate(examples[:4], pad_token_id(tokenizer))
+    assert label_token_count(batch["labels"]) > 2 * chunk_tokens or chunk_tokens == 512
     fast = causal_lm_loss_sum(model, batch)
-    fast_grads = bias_grads(model, fast)
+    fast_grads = grads(model, fast)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     plain = loss_sum_from_logits(logits, batch["labels"])
-    plain_grads = bias_grads(model, plain)
+    plain_grads = grads(model, plain)
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-4)
     assert fast_grads.keys() == plain_grads.keys() and len(fast_grads) > 0
     for name in plain_grads:
         torch.testing.assert_close(fast_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # evaluation's path
+        torch.testing.assert_close(causal_lm_loss_sum(model, batch), plain.detach(), rtol=1e-5, atol=1e-4)
 
 
 def train_copy(folder, tokenizer, examples, tmp_path, **overrides):
@@ -131,13 +136,13 @@ def test_fused_gelu_gives_the_same_loss_and_bias_gradients(family):
     ids = torch.randint(0, 64, (2, 12))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     loss = causal_lm_loss_sum(model, batch)
-    reference = bias_grads(model, loss)
+    reference = grads(model, loss)
 
     assert fuse_tanh_gelu(model) == 2  # one per MLP
     assert sum(isinstance(module, torch.nn.GELU) for module in model.modules()) == 2
     fused_loss = causal_lm_loss_sum(model, batch)
     assert fused_loss.item() == pytest.approx(loss.item(), rel=1e-6)
-    fused = bias_grads(model, fused_loss)
+    fused = grads(model, fused_loss)
     assert fused.keys() == reference.keys()
     for name in reference:
         torch.testing.assert_close(fused[name], reference[name], rtol=1e-4, atol=1e-6)
@@ -177,3 +182,24 @@ def test_no_attention_dropout_keeps_the_fused_attention(tiny, tmp_path):
     model, _ = load_model_and_tokenizer(folder)
     prepare_for_training(model, TrainConfig(mode="bitfit", output_dir=str(tmp_path)), CPU)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_frozen_head_loss_matches_the_full_head_in_bf16(tiny, monkeypatch):
+    folder, tokenizer, examples = tiny
+    config = TrainConfig(model=folder, data="x", output_dir="x", dtype="bf16")
+    model, _ = load_model_and_tokenizer(folder, weights_dtype(config))
+    monkeypatch.setattr(bitfit.loss, "HEAD_CHUNK_BYTES", 7 * 4 * model.get_output_embeddings().weight.size(0))
+    prepare_for_training(model, config, CPU)
+    batch = collate(examples[:4], pad_token_id(tokenizer))
+    with autocast(CPU, "bf16"):
+        fast = causal_lm_loss_sum(model, batch)
+    fast_grads = grads(model, fast)
+    with autocast(CPU, "bf16"):
+        plain = loss_sum_from_logits(model(input_ids=batch["input_ids"],
+                                           attention_mask=batch["attention_mask"]).logits, batch["labels"])
+    plain_grads = grads(model, plain)
+    torch.testing.assert_close(fast, plain, rtol=1e-2, atol=1e-2)
+    assert fast_grads.keys() == plain_grads.keys() and len(fast_grads) > 0
+    for name in plain_grads:
+        assert fast_grads[name].dtype == torch.float32  # the fp32 master biases
+        torch.testing.assert_close(fast_grads[name], plain_grads[name], rtol=2e-2, atol=1e-3)
