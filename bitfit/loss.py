@@ -58,11 +58,17 @@ class FrozenHeadLossSum(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         for chunk in chunks(targets.numel(), chunk_tokens):
             logits = F.linear(hidden[chunk], weight, bias).float()
-            log_normaliser = logits.logsumexp(dim=-1)
-            total += (log_normaliser - logits.gather(1, targets[chunk, None]).squeeze(1)).sum()
-            probs = logits.sub_(log_normaliser[:, None]).exp_()  # in place: one chunk of logits at a time
-            probs[torch.arange(probs.size(0), device=probs.device), targets[chunk]] -= 1
+            target_logits = logits.gather(1, targets[chunk, None]).squeeze(1)
+            maxima = logits.amax(dim=-1)
+            # Softmax in place, so that no second chunk-sized tensor is made; less the maxima first,
+            # or exp overflows.
+            probs = logits.sub_(maxima[:, None]).exp_()
+            sums = probs.sum(dim=-1)
+            total += (sums.log() + maxima - target_logits).sum()  # -log softmax at the targets
+            probs.div_(sums[:, None])
+            probs[torch.arange(probs.size(0), device=probs.device), targets[chunk]] -= 1  # d loss / d logits
             grad_hidden[chunk] = probs.to(weight.dtype) @ weight  # under autocast, in its dtype
+            del logits, probs  # free this chunk before the next one is made
         ctx.save_for_backward(grad_hidden)
         return total
 

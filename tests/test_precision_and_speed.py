@@ -1,14 +1,18 @@
 """The speed and memory features must not change what is computed (beyond float rounding)."""
 
+import weakref
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import bitfit.loss
 from bitfit.bias import is_bias
 from bitfit.config import TrainConfig
 from bitfit.data import collate, optimizer_windows, tokenize_rows
 from bitfit.loop import autocast, train_loop
-from bitfit.loss import causal_lm_loss_sum, label_token_count, loss_sum_from_logits
+from bitfit.loss import FrozenHeadLossSum, causal_lm_loss_sum, label_token_count, loss_sum_from_logits
 from bitfit.model import (fuse_tanh_gelu, load_model_and_tokenizer, pad_token_id, prefer_eager_attention_on_cpu,
                           weights_dtype)
 from bitfit.run import prepare_for_training
@@ -203,3 +207,46 @@ def test_frozen_head_loss_matches_the_full_head_in_bf16(tiny, monkeypatch):
     for name in plain_grads:
         assert fast_grads[name].dtype == torch.float32  # the fp32 master biases
         torch.testing.assert_close(fast_grads[name], plain_grads[name], rtol=2e-2, atol=1e-3)
+
+
+class PeakTensorBytes(TorchDispatchMode):
+    """Peak bytes of the tensor storages created inside (what torch.cuda.max_memory_allocated
+    counts on a GPU), for CPU runs. Views of the existing tensors given are not new memory."""
+
+    def __init__(self, *existing):
+        super().__init__()
+        self.existing = [tensor.untyped_storage() for tensor in existing]  # alive, so their ids stay theirs
+        self.live, self.now, self.peak = {id(storage) for storage in self.existing}, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and id(tensor.untyped_storage()) not in self.live:
+                storage = tensor.untyped_storage()
+                self.live.add(id(storage))
+                self.now += storage.nbytes()
+                self.peak = max(self.peak, self.now)
+                weakref.finalize(storage, self._free, id(storage), storage.nbytes())
+        return out
+
+    def _free(self, key, size):
+        self.live.discard(key)
+        self.now -= size
+
+
+def test_a_frozen_head_holds_one_chunk_of_logits_at_a_time(monkeypatch):
+    tokens, hidden_size, vocab, chunk_tokens = 120, 16, 5000, 10
+    chunk_bytes = chunk_tokens * vocab * 4
+    monkeypatch.setattr(bitfit.loss, "HEAD_CHUNK_BYTES", chunk_bytes)
+    head = torch.nn.Linear(hidden_size, vocab, bias=False).requires_grad_(False)
+    hidden = torch.randn(tokens, hidden_size, requires_grad=True)
+    targets = torch.randint(0, vocab, (tokens,))
+    weights = hidden.detach().clone().requires_grad_()  # the same hidden states for the plain head
+
+    with PeakTensorBytes(head.weight, hidden, targets) as frozen:
+        FrozenHeadLossSum.apply(hidden, head.weight, None, targets, chunk_tokens).backward()
+    with PeakTensorBytes(head.weight, weights, targets) as plain:
+        torch.nn.functional.cross_entropy(head(weights), targets, reduction="sum").backward()
+    torch.testing.assert_close(hidden.grad, weights.grad, rtol=1e-4, atol=1e-6)
+    assert plain.peak >= tokens * vocab * 4  # every position's logits at once
+    assert frozen.peak < 1.2 * chunk_bytes  # one chunk of logits, and small change
