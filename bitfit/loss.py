@@ -34,13 +34,14 @@ def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     chunk_tokens = head_chunk_tokens(head.weight.size(0))
     if hidden.requires_grad and not any(param.requires_grad for param in head.parameters()):
         return FrozenHeadLossSum.apply(hidden, head.weight, head.bias, targets, chunk_tokens)
+    zero = hidden.new_zeros((), dtype=torch.float32)
     if targets.numel() <= chunk_tokens or not torch.is_grad_enabled():
         # One chunk, or no backward pass to come: nothing is kept that recomputing would spare.
-        return sum(_head_loss_sum(head, hidden[chunk], targets[chunk])
-                   for chunk in chunks(targets.numel(), chunk_tokens))
+        return sum((_head_loss_sum(head, hidden[chunk], targets[chunk])
+                    for chunk in chunks(targets.numel(), chunk_tokens)), zero)
     # A trained head (full fine-tuning): each chunk's logits are recomputed in the backward pass.
-    return sum(checkpoint(_head_loss_sum, head, hidden[chunk], targets[chunk], use_reentrant=False)
-               for chunk in chunks(targets.numel(), chunk_tokens))
+    return sum((checkpoint(_head_loss_sum, head, hidden[chunk], targets[chunk], use_reentrant=False)
+                for chunk in chunks(targets.numel(), chunk_tokens)), zero)
 
 
 class FrozenHeadLossSum(torch.autograd.Function):
