@@ -188,17 +188,19 @@ def test_no_attention_dropout_keeps_the_fused_attention(tiny, tmp_path):
     assert model.config._attn_implementation == "sdpa"
 
 
-def test_frozen_head_loss_matches_the_full_head_in_bf16(tiny, monkeypatch):
+@pytest.mark.parametrize("device", [CPU, pytest.param(torch.device("cuda"), marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_frozen_head_loss_matches_the_full_head_in_bf16(tiny, monkeypatch, device):
     folder, tokenizer, examples = tiny
     config = TrainConfig(model=folder, data="x", output_dir="x", dtype="bf16")
     model, _ = load_model_and_tokenizer(folder, weights_dtype(config))
     monkeypatch.setattr(bitfit.loss, "HEAD_CHUNK_BYTES", 7 * 4 * model.get_output_embeddings().weight.size(0))
-    prepare_for_training(model, config, CPU)
-    batch = collate(examples[:4], pad_token_id(tokenizer))
-    with autocast(CPU, "bf16"):
+    prepare_for_training(model, config, device)
+    batch = {key: value.to(device) for key, value in collate(examples[:4], pad_token_id(tokenizer)).items()}
+    with autocast(device, "bf16"):
         fast = causal_lm_loss_sum(model, batch)
     fast_grads = grads(model, fast)
-    with autocast(CPU, "bf16"):
+    with autocast(device, "bf16"):
         plain = loss_sum_from_logits(model(input_ids=batch["input_ids"],
                                            attention_mask=batch["attention_mask"]).logits, batch["labels"])
     plain_grads = grads(model, plain)
