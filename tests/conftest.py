@@ -69,6 +69,27 @@ def alpaca_file(tmp_path):
     return str(path)
 
 
+TIMING = {"seconds", "tokens_per_s"}  # metrics.jsonl keys that differ from run to run
+
+
+def metric_lines(folder):
+    """The lines of a run's metrics.jsonl, without the timing keys."""
+    lines = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if k not in TIMING} for line in lines]
+
+
+def assert_same_metric_lines(got: list[dict], expected: list[dict], rel: float) -> None:
+    """Line by line: the same keys (an eval line has no "loss", a training line no "eval_loss"),
+    integers (step, samples, tokens) equal, floats equal to within rel."""
+    assert [sorted(line) for line in got] == [sorted(line) for line in expected]
+    for got_line, expected_line in zip(got, expected):
+        for key, value in expected_line.items():
+            if isinstance(value, float):
+                assert got_line[key] == pytest.approx(value, rel=rel), (key, got_line)
+            else:
+                assert got_line[key] == value, (key, got_line)
+
+
 def cli(main, argv, capsys):
     """Run a command-line main in-process; return (exit status, stdout, stderr)."""
     from bitfit.cli import run_main

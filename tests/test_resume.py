@@ -20,20 +20,12 @@ from bitfit.metrics import MetricsLog
 from bitfit.model import load_model_and_tokenizer
 from bitfit.resume import load_training_state
 from bitfit.run import run
-from conftest import ROOT
-
-TIMING = {"seconds", "tokens_per_s"}
-
+from conftest import ROOT, metric_lines
 
 def settings(tiny_model_dir, alpaca_file, output_dir, **overrides):
     return TrainConfig(**{"model": tiny_model_dir, "data": alpaca_file, "output_dir": str(output_dir),
                           "batch_size": 2, "grad_accum": 2, "max_steps": 4, "log_every": 1,
                           "eval_size": 2, "eval_every": 1, **overrides})
-
-
-def metric_lines(folder):
-    lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in line.items() if k not in TIMING} for line in lines]
 
 
 def test_held_out_rows_are_seeded_and_disjoint(alpaca_file):
