@@ -137,7 +137,7 @@ def read_config_file(path: str) -> dict:
     except InputError as error:
         # TrainConfig's checks name the command-line flags; name the file's keys instead.
         message = str(error)
-        for key in settings:
+        for key in fields:
             message = re.sub(re.escape("--" + key.replace("_", "-")) + r"(?![\w-])", key, message)
         raise InputError(f"{path}: {message}") from None
     # train_config.json records lr and output_dir as they were resolved from the mode. Where they
