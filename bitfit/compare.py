@@ -33,6 +33,7 @@ NUMBER_KEYS = ("trainable_params", "total_params", "trainable_percent", "optimiz
                "weight_bytes")
 # Rows that only some runs' summaries have (4-bit weights); left out when no run has them.
 OPTIONAL_ROWS = ("quantize", "weights in memory")
+PLOT_FORMATS = ("png", "svg", "pdf")
 FIGURE_INCHES, FIGURE_DPI = (8, 4.5), 100  # the picture is 800 x 450 pixels
 
 
@@ -75,10 +76,14 @@ def why_unfinished(path: Path) -> str:
     return "not a run folder (no summary.json)"
 
 
+def missing(path: Path) -> InputError:
+    return InputError(f"{path}: missing; a finished run folder holds summary.json, train_config.json and "
+                      f"metrics.jsonl")
+
+
 def read_json(path: Path) -> dict:
     if not path.is_file():
-        raise InputError(f"{path}: missing; a finished run folder holds summary.json, train_config.json "
-                         f"and metrics.jsonl")
+        raise missing(path)
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -90,11 +95,10 @@ def read_json(path: Path) -> dict:
 
 def read_metrics(path: Path, missing_ok: bool = False) -> list[dict]:
     """metrics.jsonl's lines: training lines (step, loss, ...) and eval lines (step, eval_loss, ...)."""
-    if missing_ok and not path.is_file():
-        return []
     if not path.is_file():
-        raise InputError(f"{path}: missing; a finished run folder holds summary.json, train_config.json "
-                         f"and metrics.jsonl")
+        if missing_ok:
+            return []
+        raise missing(path)
     lines = []
     for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
         if not line.strip():
@@ -122,18 +126,18 @@ def size_on_disk(path: Path) -> int | None:
 
 def run_rows(run: dict) -> list[tuple[str, object, str]]:
     """One run's column: (row, value, shown), where value is the number a ratio divides (or text)."""
-    s = run["summary"]
-    value = s.get  # a key an older or newer run lacks shows as n/a rather than failing
+    summary = run["summary"]
+    value = summary.get  # a key an older or newer run lacks shows as n/a rather than failing
     terms = bias_terms(run["config"]) if value("mode") == "bitfit" else None
-    rows = [
+    return [
         ("mode", value("mode"), text(value("mode"))),
         ("model", value("model"), text(value("model"))),
         # Full fine-tuning trains every parameter: which biases BitFit would train does not apply.
         ("bias terms", terms, text(terms) if value("mode") == "bitfit" else "—"),
         ("dtype", value("dtype"), text(value("dtype"))),
         ("device", value("device"), text(value("device"))),
-        ("trainable / total", s["trainable_params"],
-         f"{s['trainable_params']:,} / {s['total_params']:,} ({s['trainable_percent']:.4f}%)"),
+        ("trainable / total", summary["trainable_params"], f"{summary['trainable_params']:,} / "
+         f"{summary['total_params']:,} ({summary['trainable_percent']:.4f}%)"),
         ("optimizer steps", value("optimizer_steps"), number(value("optimizer_steps"), "{:,}")),
         ("samples", value("samples"), number(value("samples"), "{:,}")),
         ("seconds", value("seconds"), number(value("seconds"), "{:.1f} s")),
@@ -151,11 +155,11 @@ def run_rows(run: dict) -> list[tuple[str, object, str]]:
         ("quantize", value("quantize"), text(value("quantize"))),
         ("weights in memory", value("weight_bytes"), gib(value("weight_bytes"))),
     ]
-    return rows
 
 
 def build_table(runs: list[dict]) -> dict:
-    """The runs side by side: {"runs": names, "rows": [{"row", "values", "shown", "ratio"}], "differing": ...}."""
+    """The runs side by side: their names and folders, the rows (each with its values, the text shown,
+    and with two runs the ratio), and the settings that differ."""
     columns = [run_rows(run) for run in runs]
     rows = []
     for cells in zip(*columns):
@@ -177,9 +181,8 @@ def run_names(runs: list[dict]) -> list[str]:
 
 def ratio(values: list) -> float | None:
     first, second = values
-    if not all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in values) or not first:
-        return None
-    return second / first
+    numbers = all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in values)
+    return second / first if numbers and first else None
 
 
 def differing_settings(runs: list[dict]) -> dict[str, list]:
@@ -195,8 +198,7 @@ def format_markdown(table: dict) -> str:
     """The table as markdown, padded so that it also reads as a table in a terminal."""
     header = ["", *table["runs"]]
     body = [[row["row"], *row["shown"]] for row in table["rows"]]
-    with_ratio = len(table["runs"]) == 2
-    if with_ratio:
+    if len(table["runs"]) == 2:
         header.append(f"{table['runs'][1]} / {table['runs'][0]}")
         for line, row in zip(body, table["rows"]):
             line.append("" if row["ratio"] is None else format_ratio(row["ratio"]))
@@ -278,10 +280,7 @@ def plot_runs(runs: list[dict], path: Path) -> None:
 
 def check_plot_path(path: Path) -> None:
     """Refuse a picture name that cannot be written before any work is done."""
-    from matplotlib.figure import Figure
-
-    formats = Figure().canvas.get_supported_filetypes()
-    if path.suffix[1:].lower() not in formats:
+    if path.suffix[1:].lower() not in PLOT_FORMATS:
         raise InputError(f"--plot {path}: a picture's name ends in .png (or .svg, .pdf)")
     if not path.parent.is_dir():
         raise InputError(f"--plot {path}: no such folder {path.parent}")
