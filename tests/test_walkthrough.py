@@ -68,7 +68,7 @@ def test_walkthrough_says_only_biases_moved(walked):
     assert f"moved: {biases} of {biases} bias tensors, 0 of {weights} weight tensors" in printed
 
 
-NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
+NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 
 
 def test_the_readme_shows_what_the_walkthrough_prints(walked):
@@ -87,3 +87,17 @@ def test_the_readme_shows_what_the_walkthrough_prints(walked):
                                                                              rel=1e-3), printed_line
             else:
                 assert shown_number == number, printed_line
+
+
+def test_the_readmes_worked_example_takes_its_numbers_from_the_walkthrough(walked):
+    _, printed = walked
+    readme = (ROOT / "README.md").read_text()
+    header = r"\| one optimizer step \| in the walkthrough's output \|\n"
+    table = re.search(header + r"(.*?)\n\n", readme, re.DOTALL).group(1)
+    printed_numbers = NUMBER.findall(printed)
+    for number in NUMBER.findall(table.replace("--batch-size", "").replace("--grad-accum", "")):
+        if "." in number:
+            assert any(float(number) == pytest.approx(float(other.replace(",", "")), rel=1e-3)
+                       for other in printed_numbers if "." in other), number
+        else:
+            assert number in printed_numbers, number
