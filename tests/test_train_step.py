@@ -74,3 +74,18 @@ def test_a_step_puts_gradients_on_the_biases_only_even_under_torchrun(tiny_model
             assert not torch.equal(param, biases[name]), f"{name} did not move"
         else:
             assert torch.equal(param, weights[name]), f"{name} moved"
+
+
+def test_fp16_clips_and_logs_the_true_gradient_not_the_scaled_one(tiny_model_dir):
+    """Under fp16 the loss is scaled up (65,536 times to start with) before backward; the gradient
+    must be scaled back down before it is measured and clipped."""
+    model, optimizer, window, label_tokens, examples = one_window(tiny_model_dir)
+    reference = reference_gradient(tiny_model_dir, examples)
+    norm = torch.linalg.vector_norm(torch.cat([grad.flatten() for grad in reference.values()])).item()
+    before = biases_of(model)
+    scaler = torch.amp.GradScaler("cpu")
+    _, grad_norm = train_step(model, optimizer, window, label_tokens, max_grad_norm=norm / 4, device=CPU,
+                              dtype="fp16", scaler=scaler)
+    assert grad_norm == pytest.approx(norm, rel=0.02)  # fp16 matmuls: a few digits
+    for name, param in trainable_parameters(model).items():
+        torch.testing.assert_close(before[name] - param.detach(), reference[name] / 4, rtol=0.05, atol=2e-4)
