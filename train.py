@@ -4,6 +4,9 @@
     python train.py --mode bitfit --model bigscience/bloomz-1b1 --data yahma/alpaca-cleaned --limit 1000
     python train.py --resume runs/bitfit --max-steps 500
     python train.py --config runs/bitfit/train_config.json --lr 5e-4 --output-dir runs/bitfit-lr5e-4
+
+This file turns flags into a TrainConfig and calls bitfit.run.run. The training step itself is
+bitfit/loop.py's train_step; python -m bitfit.walkthrough writes the same step out to read first.
 """
 
 import argparse
