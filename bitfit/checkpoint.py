@@ -52,14 +52,26 @@ def save_bias_delta(path: Path, model: torch.nn.Module, names: list[str], base_m
     of names that bitfit.bias.add_zero_bias marked.
     """
     params = dict(model.named_parameters())
+    tensors = {name: params[name].detach().to("cpu", copy=True) for name in names}
+    write_bias_delta(path, tensors, bias_delta_metadata(model, names, base_model, added_biases))
+
+
+def bias_delta_metadata(model: torch.nn.Module, names: list[str], base_model: str,
+                        added_biases: list[str] | None = None) -> dict[str, str]:
+    """What a delta of the named tensors records about its base (see save_bias_delta)."""
     if added_biases is None:
+        params = dict(model.named_parameters())
         added_biases = [name for name in names if is_added_bias(params[name])]
-    tensors = {name: params[name].detach().to("cpu", copy=True).contiguous() for name in names}
+    return {"format": DELTA_FORMAT, "base_model": base_model, "model_class": type(model).__name__,
+            "base_fingerprint": base_fingerprint(model, names), "added_biases": json.dumps(added_biases)}
+
+
+def write_bias_delta(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write the tensors (on the CPU) with metadata from bias_delta_metadata, and a listing of them."""
+    tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
     listing = {name: {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
                for name, tensor in tensors.items()}
-    metadata = {"format": DELTA_FORMAT, "base_model": base_model,
-                "model_class": type(model).__name__, "tensors": json.dumps(listing),
-                "base_fingerprint": base_fingerprint(model, names), "added_biases": json.dumps(added_biases)}
+    metadata = {**metadata, "tensors": json.dumps(listing)}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
@@ -204,12 +216,14 @@ def _bias_less_linear(model: torch.nn.Module, name: str) -> torch.nn.Linear | No
     return module if isinstance(module, torch.nn.Linear) and module.bias is None else None
 
 
-def save_model_folder(folder: Path, model, tokenizer) -> None:
-    """Write a Hugging Face model folder, replacing any old one only once the new one is whole."""
+def save_model_folder(folder: Path, model, tokenizer, state_dict: dict | None = None) -> None:
+    """Write a Hugging Face model folder, replacing any old one only once the new one is whole.
+
+    state_dict, when given, holds the weights to write (under --fsdp, gathered from the shards)."""
     folder = Path(folder)
     staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
+    model.save_pretrained(staging, state_dict=state_dict)
     tokenizer.save_pretrained(staging)
     retired = folder.with_name(f".{folder.name}.old-{os.getpid()}")
     if folder.exists():
