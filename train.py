@@ -66,6 +66,8 @@ def build_parser() -> ArgumentParser:
     add("--add-biases", action="store_true", help="BitFit on a model without biases (LLaMA, Mistral): "
                                                   "give the Linear layers --bias-terms chooses zero biases "
                                                   "to train")
+    add("--fsdp", action="store_true", help="under torchrun: shard every parameter over the ranks (FSDP2), "
+                                            "for a model too large for one GPU")
     return parser
 
 

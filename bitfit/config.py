@@ -59,6 +59,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the transformer body
     bias_terms: str = "all"  # BitFit: comma list of bias groups or regular expressions (bitfit.bias)
     add_biases: bool = False  # BitFit: give the chosen bias-less Linear layers zero biases to train
+    fsdp: bool = False  # under torchrun: shard every parameter over the ranks (bitfit.fsdp)
 
     def __post_init__(self):
         _check_choice("--mode", self.mode, MODES)
@@ -94,6 +95,11 @@ class TrainConfig:
         if self.mode == "full" and self.add_biases:
             raise InputError("--add-biases gives a bias-free model biases for --mode bitfit to train; "
                              "--mode full trains every weight as it is")
+        if self.fsdp and self.dtype == "fp16":
+            raise InputError("--fsdp with --dtype fp16 is not supported (fp16's loss scaling would have to agree "
+                             "across the shards); use --dtype bf16")
+        if self.fsdp and self.compile:
+            raise InputError("--fsdp with --compile is not supported; leave one out")
         if self.output_dir is None:
             self.output_dir = str(Path("runs") / self.mode)
 

@@ -97,5 +97,8 @@ def format_summary(summary: dict) -> str:
     if summary["world_size"] > 1:
         rows.append(("ranks", f"{summary['world_size']} (counts and throughput are their sum, "
                               f"peak GPU memory the largest rank's)"))
+    if summary["fsdp"]:
+        rows.append(("parameters", f"{gib(max(summary['parameter_bytes_per_rank']))} per rank at most "
+                                   f"(sharded by --fsdp)"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

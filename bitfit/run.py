@@ -5,6 +5,7 @@ the run folder is touched, so a bad command never overwrites an earlier run's fi
 
 The model's setup is three steps that run() calls in order, each a function below: freeze
 (what trains), set_precision_and_kernels (how it computes), build_optimizer (what updates it).
+With --fsdp, bitfit.fsdp.shard_model comes before the last (where each rank keeps its shards).
 """
 
 import platform
@@ -15,11 +16,12 @@ import torch
 
 from bitfit.bias import (add_biases, count_parameters, describe_bias_terms, describe_counts, mask_gradients,
                          partly_trained, select_trainable, trainable_parameters)
-from bitfit.checkpoint import BIAS_FILE, save_bias_delta, save_json, save_model_folder
+from bitfit.checkpoint import BIAS_FILE, bias_delta_metadata, save_bias_delta, save_json, save_model_folder
 from bitfit.config import TrainConfig
 from bitfit.data import load_rows, split_rows, tokenize_rows
 from bitfit.distributed import SINGLE, gather_objects
 from bitfit.errors import InputError
+from bitfit.fsdp import check_world, parameter_bytes, save_gathered, shard_model
 from bitfit.loop import count_optimizer_steps, train_loop
 from bitfit.metrics import (MetricsLog, format_summary, peak_memory_bytes, peak_rss_bytes, perplexity,
                             reset_peak_memory, work_done)
@@ -35,6 +37,7 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=
     Under torchrun (world from bitfit.distributed.setup) every rank calls this; only rank 0
     logs and writes files.
     """
+    check_world(config, world)
     device = resolve_device(config.device)
     if device.type == "cuda" and world.world_size > 1:
         device = torch.device("cuda", world.local_rank)
@@ -61,9 +64,15 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=
 
     # Dropout (each rank its own masks); the data order has its own seeded generator.
     torch.manual_seed(config.seed + world.rank)
-    model.to(device)
+    if not config.fsdp:
+        model.to(device)  # --fsdp: shard_model moves each rank's shards there, never the whole model
     trained_names, masks = freeze(model, config)
     set_precision_and_kernels(model, config, device)
+    if config.fsdp:
+        # A delta records its base's class and a fingerprint of its weights: read them while whole.
+        delta_metadata = bias_delta_metadata(model, trained_names, config.model)
+        shard_model(model, config, device, masks)
+    parameter_bytes_here = parameter_bytes(model)  # under --fsdp, this rank's shards
     optimizer = build_optimizer(model, config, device, no_decay=masks)
     if config.mode == "bitfit":
         log(describe_bias_terms(model, config.bias_terms))
@@ -97,19 +106,22 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=
     peak_memory_per_rank = gather_objects(peak_memory_bytes(device))
     summary = build_summary(config, progress, trainable=trainable, total=total, device=device,
                             dropped_rows=dropped + eval_dropped, eval_rows=len(eval_examples),
-                            world_size=world.world_size, peak_memory_per_rank=peak_memory_per_rank)
-    if world.is_main:  # every rank holds the same trained tensors
-        if config.mode == "bitfit":
-            save_bias_delta(output_dir / BIAS_FILE, model, trained_names, base_model=config.model)
-        else:
-            save_model_folder(output_dir / "model", model, tokenizer)
+                            world_size=world.world_size, peak_memory_per_rank=peak_memory_per_rank,
+                            parameter_bytes_per_rank=gather_objects(parameter_bytes_here))
+    if config.fsdp:  # every rank takes part in gathering the shards; rank 0 writes
+        save_gathered(model, config, output_dir, trained_names, delta_metadata, tokenizer, world)
+    elif world.is_main and config.mode == "bitfit":  # every rank holds the same trained tensors
+        save_bias_delta(output_dir / BIAS_FILE, model, trained_names, base_model=config.model)
+    elif world.is_main:
+        save_model_folder(output_dir / "model", model, tokenizer)
+    if world.is_main:
         save_json(output_dir / "summary.json", summary)
     log(format_summary(summary))
     return summary
 
 
 def build_summary(config, progress, *, trainable, total, device, dropped_rows, eval_rows, world_size=1,
-                  peak_memory_per_rank=None) -> dict:
+                  peak_memory_per_rank=None, parameter_bytes_per_rank=None) -> dict:
     """The run's summary; progress's counts are already global (summed over the ranks)."""
     if peak_memory_per_rank is None:
         peak_memory_per_rank = [peak_memory_bytes(device)]
@@ -126,6 +138,9 @@ def build_summary(config, progress, *, trainable, total, device, dropped_rows, e
         # The largest rank's peak: what a GPU must hold for the run to fit (null on CPU).
         "peak_memory_bytes": None if None in peak_memory_per_rank else max(peak_memory_per_rank),
         "peak_memory_bytes_per_rank": peak_memory_per_rank,
+        "fsdp": config.fsdp,
+        # The parameters each rank holds between steps: the whole model each, or under --fsdp its shards.
+        "parameter_bytes_per_rank": parameter_bytes_per_rank,
         "peak_rss_bytes": peak_rss_bytes(),
         "device": device_name(device),
         "dtype": config.dtype,
