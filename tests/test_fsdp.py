@@ -41,6 +41,10 @@ CASES = {
     "slices": ["--bias-terms", "query,value"],
     "llama": ["--add-biases"],  # the model is the tiny LLaMA: no biases of its own, an untied head
 }
+# bf16 through FSDP's MixedPrecisionPolicy: the same as one process to bf16's rounding, not exactly (one
+# micro-batch of 8 rounds differently from two of 4; full mode computes with bf16 copies of its norms too).
+BF16_CASES = {"bitfit-bf16": ["--dtype", "bf16"], "full-bf16": ["--mode", "full", "--dtype", "bf16"]}
+ALL_CASES = {**CASES, **BF16_CASES}
 # Resuming: 4 steps straight, and the same run stopped by Ctrl-C after step 2 and resumed to 4.
 RESUMED = {"bitfit": ["--bias-terms", "query,value"], "full": ["--mode", "full"]}
 
@@ -52,7 +56,7 @@ def runs(tiny_model_dir, tmp_path_factory):
     (root / "rows.json").write_text(json.dumps(ROWS))
     llama = save_tiny(root / "tiny-llama", LlamaConfig, tiny_model_dir)
     cases = [{"argv": fsdp_flags(root, name, tiny_model_dir, llama) + ["--output-dir", str(root / name)]}
-             for name in CASES]
+             for name in ALL_CASES]
     for mode, flags in RESUMED.items():
         argv = data_flags(root, tiny_model_dir) + ["--fsdp", "--batch-size", "4", "--grad-accum", "2",
                                                    "--max-steps", "4", "--save-every", "2", "--log-every", "1",
@@ -70,7 +74,7 @@ def runs(tiny_model_dir, tmp_path_factory):
                             cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert list(workdir.iterdir()) == []  # nothing was written where the ranks were started
-    assert result.stdout.count("optimizer steps") == len(CASES) + 2 * len(RESUMED)  # rank 0's summaries only
+    assert result.stdout.count("optimizer steps") == len(ALL_CASES) + 2 * len(RESUMED)  # rank 0's summaries only
     return root
 
 
@@ -80,14 +84,14 @@ def data_flags(root, tiny_model_dir, model=None):
 
 def fsdp_flags(root, name, tiny_model_dir, llama):
     model = llama if name == "llama" else tiny_model_dir
-    return data_flags(root, tiny_model_dir, model) + COMMON + CASES[name] + ["--fsdp", "--batch-size", "4"]
+    return data_flags(root, tiny_model_dir, model) + COMMON + ALL_CASES[name] + ["--fsdp", "--batch-size", "4"]
 
 
 def reference_run(runs, name, tiny_model_dir, tmp_path):
     """The same case in this process at --batch-size 8; returns its run folder."""
     model = str(runs / "tiny-llama") if name == "llama" else tiny_model_dir
     folder = tmp_path / name
-    argv = data_flags(runs, tiny_model_dir, model) + COMMON + CASES[name] + ["--batch-size", "8",
+    argv = data_flags(runs, tiny_model_dir, model) + COMMON + ALL_CASES[name] + ["--batch-size", "8",
                                                                               "--output-dir", str(folder)]
     assert run_main(train.main, argv) == 0
     return folder
@@ -130,6 +134,16 @@ def test_two_ranks_at_batch_4_with_fsdp_train_like_one_process_at_batch_8(name, 
         files = [safe_open(str(folder / "bias.safetensors"), "pt") for folder in (runs / name, single)]
         metadata = [file.metadata() for file in files]
         assert metadata[0] == metadata[1]
+
+
+@pytest.mark.parametrize("name, tolerance", [("bitfit-bf16", 1e-4), ("full-bf16", 1e-3)])
+def test_bf16_with_fsdp_trains_like_one_process_to_bf16_rounding(name, tolerance, runs, tiny_model_dir, tmp_path):
+    single = reference_run(runs, name, tiny_model_dir, tmp_path)
+    expected, got = saved_tensors(single), saved_tensors(runs / name)
+    for key, tensor in expected.items():
+        assert got[key].dtype == tensor.dtype == torch.float32, key  # trained tensors stay fp32 masters
+        torch.testing.assert_close(got[key], tensor, rtol=0, atol=tolerance)
+    assert summary(runs / name)["train_loss"] == pytest.approx(summary(single)["train_loss"], rel=1e-4)
 
 
 def test_the_untouched_slice_of_a_sharded_fused_bias_stays_bit_identical(runs, tiny_model_dir):
