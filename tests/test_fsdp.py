@@ -24,7 +24,6 @@ from bitfit.cli import run_main
 from bitfit.config import TrainConfig
 from bitfit.data import collate, tokenize_rows
 from bitfit.errors import InputError
-from bitfit.fsdp import shard_model
 from bitfit.loop import train_step
 from bitfit.loss import label_token_count
 from bitfit.model import load_model_and_tokenizer, pad_token_id
