@@ -22,6 +22,11 @@ DTYPES = ("fp32", "bf16", "fp16")
 # larger steps than full fine-tuning: the BitFit paper used 1e-4..1e-3. Full fine-tuning
 # uses 5e-5, the Hugging Face Trainer default that the seed notebook ran with.
 DEFAULT_LR = {"bitfit": 1e-3, "full": 5e-5}
+# Far above any useful rate, and below where AdamW's fp32 step (lr / (1 - 0.9^t), up to 10 x lr
+# in the first steps) overflows; larger values end in a RuntimeError inside the optimizer.
+MAX_LR = 1e30
+# Seeds are 64-bit in torch; a run adds the epoch and the rank to its seed, so leave room above.
+SEED_LIMIT = 2**63
 
 
 @dataclasses.dataclass
@@ -74,10 +79,17 @@ class TrainConfig:
         if self.lr is None:
             self.lr = DEFAULT_LR[self.mode]
         _check_positive("--lr", self.lr)
+        if self.lr > MAX_LR:
+            raise InputError(f"--lr must be at most {MAX_LR:g}, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise InputError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.weight_decay < 0:
-            raise InputError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise InputError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.lr * self.weight_decay >= 1:
+            # AdamW multiplies each trained tensor by (1 - lr x weight_decay) every step.
+            raise InputError(f"--weight-decay {self.weight_decay} x --lr {self.lr} must be below 1: AdamW "
+                             f"scales the trained tensors by 1 - lr x weight decay at every step")
+        check_seed(self.seed)
         _check_positive("--max-grad-norm", self.max_grad_norm)
         if not all(term.strip() for term in self.bias_terms.split(",")):
             raise InputError(f"--bias-terms must be a comma list of bias groups or regular expressions "
@@ -93,6 +105,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_seed(seed, flag="--seed"):
+    if not (isinstance(seed, int) and 0 <= seed < SEED_LIMIT):
+        raise InputError(f"{flag} must be a whole number from 0 to 2**63 - 1, got {seed}")
 
 
 def _check_choice(flag, value, choices):
