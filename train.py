@@ -47,6 +47,8 @@ def build_parser() -> ArgumentParser:
     add("--save-every", type=int, help="optimizer steps between resumable checkpoints")
     add("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     add("--output-dir", help="run folder (default: runs/<mode>)")
+    add("--overwrite", action="store_true", help="replace the run already in --output-dir (without it, "
+                                                 "a folder holding a run is refused)")
     add("--device", choices=DEVICES, help=f"(default: {D.device})")
     add("--dtype", choices=DTYPES, help=f"bf16/fp16: half-precision compute under autocast; BitFit "
                                         f"also stores its frozen weights in it (default: {D.dtype})")
@@ -63,12 +65,15 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def parse_args(argv=None) -> tuple[TrainConfig, dict | None]:
-    """Return the run's settings and, with --resume, the checkpoint to continue from."""
+def parse_args(argv=None) -> tuple[TrainConfig, dict | None, bool]:
+    """Return the run's settings, with --resume the checkpoint to continue from, and --overwrite."""
     given = vars(build_parser().parse_args(argv))
     run_dir = given.pop("resume", None)
+    overwrite = given.pop("overwrite", False)
     if run_dir is None:
-        return TrainConfig(**given), None
+        return TrainConfig(**given), None, overwrite
+    if overwrite:
+        raise InputError("--overwrite starts the run afresh and --resume continues it: give one of them")
 
     from bitfit.resume import load_training_state
 
@@ -80,11 +85,11 @@ def parse_args(argv=None) -> tuple[TrainConfig, dict | None]:
             flag = "--" + key.replace("_", "-")
             raise InputError(f"{flag} {value} differs from the resumed run's {before}; a resumed "
                              f"run keeps its settings (only --max-steps and --epochs may change)")
-    return TrainConfig(**{**saved, **given}), state
+    return TrainConfig(**{**saved, **given}), state, False
 
 
 def main(argv=None) -> None:
-    config, resume_state = parse_args(argv)
+    config, resume_state, overwrite = parse_args(argv)
     from bitfit import distributed  # imported late so that --help and flag errors answer at once
     from bitfit.model import resolve_device
     from bitfit.run import run
@@ -92,7 +97,7 @@ def main(argv=None) -> None:
     # Under torchrun, join the other ranks (a no-op in a single process).
     world = distributed.setup(resolve_device(config.device))
     try:
-        run(config, resume_state, world=world)
+        run(config, resume_state, world=world, overwrite=overwrite)
     finally:
         distributed.cleanup()
 

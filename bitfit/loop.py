@@ -30,10 +30,12 @@ def new_progress() -> dict:
 
 
 def train_loop(model, optimizer, examples, config, *, pad_id, device, metrics_log=None,
-               eval_examples=(), progress=None, world=SINGLE) -> dict:
+               eval_examples=(), progress=None, world=SINGLE, checkpoint_dir=None) -> dict:
     """Train from progress (a fresh run when None) to config's epochs or max_steps.
 
     Under torchrun, world says which rank this is; the counts in progress are then global.
+    Checkpoints go to checkpoint_dir (the run's staging folder, see bitfit.rundir), by default
+    config.output_dir.
     Returns the final progress: steps, samples, tokens, loss and eval sums, training seconds.
     """
     params = [p for p in model.parameters() if p.requires_grad]
@@ -51,8 +53,8 @@ def train_loop(model, optimizer, examples, config, *, pad_id, device, metrics_lo
     if run.get("grad_scaler"):
         scaler.load_state_dict(run["grad_scaler"])
     model.train()
-    windows = iter_windows(len(examples), config, run["epoch"], run["position"],
-                           [len(example["input_ids"]) for example in examples], world.world_size)
+    lengths = [len(example["input_ids"]) for example in examples] if config.group_by_length else None
+    windows = iter_windows(len(examples), config, run["epoch"], run["position"], lengths, world.world_size)
     bar = tqdm(total=total_steps, initial=run["step"], desc=config.mode, unit="step", dynamic_ncols=True,
                disable=not world.is_main)
     with StopOnCtrlC() as ctrl_c:
@@ -125,7 +127,7 @@ def train_loop(model, optimizer, examples, config, *, pad_id, device, metrics_lo
             stop = any_rank(ctrl_c.pressed, device)  # every rank stops at the same step
             save = stop or (config.save_every and ((step + 1) % config.save_every == 0 or last_step))
             if save and world.is_main:  # the ranks hold the same state: one copy is enough
-                save_training_state(config.output_dir, model, optimizer, config, run)
+                save_training_state(checkpoint_dir or config.output_dir, model, optimizer, config, run)
             if stop and not last_step:
                 bar.close()
                 raise Interrupted(f"checkpoint saved at optimizer step {step + 1} of {total_steps} in "

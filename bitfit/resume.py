@@ -2,19 +2,23 @@
 
 A checkpoint holds the trainable tensors (in BitFit, the biases: a few MB whatever the model
 size), the optimizer's moments, the progress counters and the random-number state. The frozen
-weights are not in it: they are reloaded from the base model, which never changes.
+weights are not in it: they are reloaded from the base model, so the progress also records
+fingerprints of the base and of the data, and a resumed run refuses to go on if either changed.
 """
 
+import dataclasses
 import random
 from pathlib import Path
 
 import torch
 
-from bitfit.checkpoint import atomic_write
+from bitfit.checkpoint import refuse_non_finite, save_torch
+from bitfit.config import TrainConfig
 from bitfit.errors import InputError
+from bitfit.rundir import CHECKPOINT_FILE, find_checkpoint
 
-CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = "bitfit-checkpoint/1"
+CHECKPOINT_KEYS = ("config", "trainable", "optimizer", "progress", "rng")
 
 
 def save_training_state(output_dir, model, optimizer, config, progress: dict) -> None:
@@ -31,17 +35,13 @@ def save_training_state(output_dir, model, optimizer, config, progress: dict) ->
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
-    atomic_write(Path(output_dir) / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
+    refuse_non_finite(state["trainable"], f"checkpoint at optimizer step {progress['step']}")
+    save_torch(state, Path(output_dir) / CHECKPOINT_FILE)
 
 
 def load_training_state(run_dir: str) -> dict:
-    folder = Path(run_dir)
-    if not folder.is_dir():
-        raise InputError(f"--resume {run_dir}: no such run folder")
-    path = folder / CHECKPOINT_FILE
-    if not path.is_file():
-        raise InputError(f"--resume {run_dir}: no {CHECKPOINT_FILE} in it; a run writes one with "
-                         f"--save-every N or when stopped with Ctrl-C")
+    """The checkpoint --resume RUN_DIR continues from (see bitfit.rundir.find_checkpoint), checked."""
+    path = find_checkpoint(run_dir)
     try:
         # weights_only: a checkpoint is data (tensors, numbers, strings), never code to run.
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -49,18 +49,46 @@ def load_training_state(run_dir: str) -> dict:
         raise InputError(f"{path}: not a readable bitfit checkpoint ({type(error).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{path}: not a bitfit checkpoint")
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state.get(key), dict)]
+    missing += [f"rng.{key}" for key in ("torch", "python", "cuda") if "rng" not in missing
+                and key not in state["rng"]]
+    if missing:
+        raise InputError(f"{path}: a damaged bitfit checkpoint: it has no {', '.join(missing)}")
+    unknown = sorted(set(state["config"]) - {field.name for field in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise InputError(f"{path}: unknown setting(s) {', '.join(unknown)} (written by another version of "
+                         f"bitfit?)")
     return state
+
+
+def refuse_changed_inputs(progress: dict, fingerprints: dict, run_dir: str) -> None:
+    """--resume continues on the rows and the base the run started from, or not at all.
+
+    fingerprints holds the ones known so far (the data's before the model loads, then the base's);
+    a checkpoint from before fingerprints were recorded is not checked.
+    """
+    recorded = progress.get("fingerprints") or {}
+    changed = {"data": "the training data (its rows differ)", "base": "the base model (its weights differ)"}
+    for what, actual in fingerprints.items():
+        if recorded.get(what) not in (None, actual):
+            raise InputError(f"--resume {run_dir}: {changed[what]} changed since the run started "
+                             f"(fingerprint {recorded[what]}, now {actual}); resume with the same "
+                             f"{'--data' if what == 'data' else '--model'}, or start a new run")
 
 
 def restore_training_state(state: dict, model, optimizer) -> dict:
     """Load the tensors, optimizer and RNG state into a freshly set-up run; return its progress."""
     params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in state["trainable"].items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
+    try:
+        with torch.no_grad():
+            for name, tensor in state["trainable"].items():
+                params[name].copy_(tensor)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as error:  # a damaged or forged checkpoint
+        raise InputError(f"the checkpoint does not fit this run: {type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''}") from None
     if state["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return dict(state["progress"])

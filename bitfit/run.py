@@ -1,34 +1,39 @@
 """A training run from settings to files: load, freeze, build the optimizer, loop, save.
 
-Everything that can be wrong with the user's input (data, model, flags) is checked before
-the run folder is touched, so a bad command never overwrites an earlier run's files.
+Everything that can be wrong with the user's input (flags, output folder, data, the model's
+position limit) is checked before the model loads, and the run writes into a staging folder
+that replaces the run folder only once it has succeeded (bitfit.rundir), so a failed run never
+changes an earlier run's files.
 """
 
+import dataclasses
 import platform
 import textwrap
-from pathlib import Path
 
 import torch
 
 from bitfit.bias import (add_biases, count_parameters, describe_bias_terms, describe_counts, mask_gradients,
                          partly_trained, select_trainable, trainable_parameters)
-from bitfit.checkpoint import BIAS_FILE, save_bias_delta, save_json, save_model_folder
+from bitfit.checkpoint import BIAS_FILE, base_fingerprint, save_bias_delta, save_json, save_model_folder
 from bitfit.config import TrainConfig
-from bitfit.data import load_rows, split_rows, tokenize_rows
+from bitfit.data import load_rows, rows_fingerprint, split_rows, tokenize_rows
 from bitfit.distributed import SINGLE, gather_objects
-from bitfit.errors import InputError
-from bitfit.loop import count_optimizer_steps, train_loop
+from bitfit.errors import InputError, Interrupted
+from bitfit.loop import count_optimizer_steps, new_progress, train_loop
 from bitfit.metrics import (MetricsLog, format_summary, peak_memory_bytes, peak_rss_bytes, perplexity,
                             reset_peak_memory, work_done)
 from bitfit.model import (fuse_tanh_gelu, keep_norms_in_fp32, load_model_and_tokenizer, pad_token_id,
-                          prefer_eager_attention_on_cpu, resolve_device, weights_dtype)
-from bitfit.resume import restore_training_state
+                          position_limit, prefer_eager_attention_on_cpu, resolve_device, weights_dtype)
+from bitfit.resume import refuse_changed_inputs, restore_training_state
+from bitfit.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, RunFolder
 
 
-def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=SINGLE) -> dict:
+def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=SINGLE,
+        overwrite: bool = False) -> dict:
     """Train as config says (continuing from resume_state if given), write the run folder,
     and return the summary.
 
+    A run folder that holds a run is replaced only with overwrite (or continued with resume_state).
     Under torchrun (world from bitfit.distributed.setup) every rank calls this; only rank 0
     logs and writes files.
     """
@@ -37,71 +42,99 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=
         device = torch.device("cuda", world.local_rank)
     if not world.is_main:
         log = lambda message: None  # noqa: E731
-    rows = load_rows(config.data, config.split, config.limit)
-    train_rows, eval_rows = split_rows(rows, config.eval_size, config.seed)
-    # Both modes start from the same fresh pretrained weights: never chain one mode's result
-    # into the other, or the comparison measures the chain rather than the method.
-    model, tokenizer = load_model_and_tokenizer(config.model, weights_dtype(config))
-    examples, dropped = tokenize_rows(train_rows, tokenizer, config.max_len)
-    eval_examples, eval_dropped = tokenize_rows(eval_rows, tokenizer, config.max_len)
-    if not examples:
-        raise InputError(f"every one of the {len(train_rows)} training rows was dropped: no response "
-                         f"token fits in --max-len {config.max_len}; raise --max-len")
-    if eval_rows and not eval_examples:
-        raise InputError(f"every one of the {len(eval_rows)} held-out rows was dropped by --max-len "
-                         f"{config.max_len}; raise --max-len or --eval-size")
-    log(textwrap.fill("settings: " + "  ".join(f"{key}={value}" for key, value in config.to_dict().items()),
-                      width=100, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False))
-    if dropped or eval_dropped:
-        log(f"dropped {dropped + eval_dropped} of {len(rows)} rows: their response did not fit in "
-            f"--max-len {config.max_len}")
+    with RunFolder(config.output_dir, writer=world.is_main, log=log) as folder:
+        folder.open(overwrite=overwrite, resuming=resume_state is not None)
+        rows = load_rows(config.data, config.split, config.limit)
+        fingerprints = {"data": rows_fingerprint(rows)}
+        if resume_state is not None:
+            refuse_changed_inputs(resume_state["progress"], fingerprints, config.output_dir)
+        config = fit_max_len_to_model(config, log)
+        train_rows, eval_rows = split_rows(rows, config.eval_size, config.seed)
+        # Both modes start from the same fresh pretrained weights: never chain one mode's result
+        # into the other, or the comparison measures the chain rather than the method.
+        model, tokenizer = load_model_and_tokenizer(config.model, weights_dtype(config))
+        fingerprints["base"] = base_fingerprint(model, ())  # every weight, before any trains
+        if resume_state is not None:
+            refuse_changed_inputs(resume_state["progress"], fingerprints, config.output_dir)
+        examples, dropped = tokenize_rows(train_rows, tokenizer, config.max_len)
+        eval_examples, eval_dropped = tokenize_rows(eval_rows, tokenizer, config.max_len)
+        if not examples:
+            raise InputError(f"every one of the {len(train_rows)} training rows was dropped: no response "
+                             f"token fits in --max-len {config.max_len}; raise --max-len")
+        if eval_rows and not eval_examples:
+            raise InputError(f"every one of the {len(eval_rows)} held-out rows was dropped by --max-len "
+                             f"{config.max_len}; raise --max-len or --eval-size")
+        log(textwrap.fill("settings: " + "  ".join(f"{key}={value}" for key, value in config.to_dict().items()),
+                          width=100, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False))
+        if dropped or eval_dropped:
+            log(f"dropped {dropped + eval_dropped} of {len(rows)} rows: their response did not fit in "
+                f"--max-len {config.max_len}")
 
-    # Dropout (each rank its own masks); the data order has its own seeded generator.
-    torch.manual_seed(config.seed + world.rank)
-    trained_names, optimizer = prepare_for_training(model, config, device)
-    masks = {}
-    if config.mode == "bitfit":
-        log(describe_bias_terms(model, config.bias_terms))
-        masks = partly_trained(model, config.bias_terms)
-    trainable, total = count_parameters(model, masks)  # a fused bias counts only its trained slice
-    log(describe_counts(trainable, total))
-    progress = None
-    if resume_state is not None:
-        progress = restore_training_state(resume_state, model, optimizer)
-        total_steps = count_optimizer_steps(len(examples), config, world.world_size)
-        if progress["step"] >= total_steps:
-            raise InputError(f"the run in {config.output_dir} already reached step {progress['step']} "
-                             f"of {total_steps}; pass a larger --max-steps or --epochs to extend it")
-        log(f"resuming at optimizer step {progress['step']} of {total_steps}")
-
-    output_dir = Path(config.output_dir)
-    metrics_log = None
-    if world.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_json(output_dir / "train_config.json", config.to_dict())
-        metrics_log = MetricsLog(output_dir / "metrics.jsonl",
-                                 keep_through_step=progress["step"] if progress else None)
-    reset_peak_memory(device)
-    try:
-        progress = train_loop(model, optimizer, examples, config, pad_id=pad_token_id(tokenizer),
-                              device=device, metrics_log=metrics_log, eval_examples=eval_examples,
-                              progress=progress, world=world)
-    finally:
-        if metrics_log is not None:
-            metrics_log.close()
-
-    peak_memory_per_rank = gather_objects(peak_memory_bytes(device))
-    summary = build_summary(config, progress, trainable=trainable, total=total, device=device,
-                            dropped_rows=dropped + eval_dropped, eval_rows=len(eval_examples),
-                            world_size=world.world_size, peak_memory_per_rank=peak_memory_per_rank)
-    if world.is_main:  # every rank holds the same trained tensors
+        # Dropout (each rank its own masks); the data order has its own seeded generator.
+        torch.manual_seed(config.seed + world.rank)
+        trained_names, optimizer = prepare_for_training(model, config, device)
+        masks = {}
         if config.mode == "bitfit":
-            save_bias_delta(output_dir / BIAS_FILE, model, trained_names, base_model=config.model)
-        else:
-            save_model_folder(output_dir / "model", model, tokenizer)
-        save_json(output_dir / "summary.json", summary)
+            log(describe_bias_terms(model, config.bias_terms))
+            masks = partly_trained(model, config.bias_terms)
+        trainable, total = count_parameters(model, masks)  # a fused bias counts only its trained slice
+        log(describe_counts(trainable, total))
+        progress = {**new_progress(), "fingerprints": fingerprints}
+        if resume_state is not None:
+            progress = {**restore_training_state(resume_state, model, optimizer), "fingerprints": fingerprints}
+            total_steps = count_optimizer_steps(len(examples), config, world.world_size)
+            if progress["step"] >= total_steps:
+                raise InputError(f"the run in {config.output_dir} already reached step {progress['step']} "
+                                 f"of {total_steps}; pass a larger --max-steps or --epochs to extend it")
+            log(f"resuming at optimizer step {progress['step']} of {total_steps}")
+
+        staging = folder.stage(resuming=resume_state is not None)
+        metrics_log = None
+        if world.is_main:
+            save_json(staging / CONFIG_FILE, config.to_dict())
+            metrics_log = MetricsLog(staging / METRICS_FILE,
+                                     keep_through_step=progress["step"] if resume_state is not None else None)
+        reset_peak_memory(device)
+        try:
+            progress = train_loop(model, optimizer, examples, config, pad_id=pad_token_id(tokenizer),
+                                  device=device, metrics_log=metrics_log, eval_examples=eval_examples,
+                                  progress=progress, world=world, checkpoint_dir=staging)
+        except Interrupted:
+            # A deliberate stop keeps the run so far: its settings, metrics and checkpoint. (The
+            # metrics file is flushed line by line; it stays open across the rename, as Linux allows.)
+            folder.commit()
+            raise
+        finally:
+            if metrics_log is not None:
+                metrics_log.close()
+
+        peak_memory_per_rank = gather_objects(peak_memory_bytes(device))
+        summary = build_summary(config, progress, trainable=trainable, total=total, device=device,
+                                dropped_rows=dropped + eval_dropped, eval_rows=len(eval_examples),
+                                world_size=world.world_size, peak_memory_per_rank=peak_memory_per_rank)
+        if world.is_main:  # every rank holds the same trained tensors
+            if config.mode == "bitfit":
+                save_bias_delta(staging / BIAS_FILE, model, trained_names, base_model=config.model)
+            else:
+                save_model_folder(staging / "model", model, tokenizer)
+            save_json(staging / SUMMARY_FILE, summary)
+            folder.commit()
     log(format_summary(summary))
     return summary
+
+
+def fit_max_len_to_model(config: TrainConfig, log=print) -> TrainConfig:
+    """Cap --max-len at the model's position limit, read from its config before the model loads.
+
+    Longer examples would index past the position table (an IndexError mid-run); capping says so
+    and trains, as cutting at --max-len does anyway.
+    """
+    limit = position_limit(config.model)
+    if limit is None or config.max_len <= limit:
+        return config
+    log(f"--max-len {config.max_len} is more than the {limit} positions of {config.model}: examples are cut "
+        f"at {limit}")
+    return dataclasses.replace(config, max_len=limit)
 
 
 def build_summary(config, progress, *, trainable, total, device, dropped_rows, eval_rows, world_size=1,

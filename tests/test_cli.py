@@ -1,6 +1,7 @@
 """The command-line tools: a default run end to end, and one clear line for each bad input."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import pytest
 
 import generate
 import train
-from conftest import ROOT, cli
+from conftest import ROOT, cli, error_lines, folder_bytes, leftovers
 
 
 def script(*args, cwd):
@@ -62,6 +63,10 @@ def bad_runs(tmp_path, tiny_model_dir, alpaca_file):
     empty.write_text("")
     no_output = tmp_path / "no_output.json"
     no_output.write_text(json.dumps([{"instruction": "a", "response": "b"}]))
+    truncated = tmp_path / "truncated-model"
+    shutil.copytree(tiny_model_dir, truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[:len(weights) // 2])
     data = ["--model", tiny_model_dir, "--data", alpaca_file]
     return {
         "missing data file": (["--data", str(tmp_path / "nope.json")], "data file not found"),
@@ -69,35 +74,47 @@ def bad_runs(tmp_path, tiny_model_dir, alpaca_file):
         "empty data file": (["--data", str(empty)], "data file is empty"),
         "missing column": (["--data", str(no_output)], "missing column(s) output"),
         "missing model": (["--model", str(tmp_path / "no-model")], "model folder not found"),
+        "truncated model weights": (["--model", str(truncated), "--data", alpaca_file],
+                                    "could not load model"),
         "unknown mode": (["--mode", "lora"], "invalid choice: 'lora'"),
         "batch size": ([*data, "--batch-size", "0"], "--batch-size must be a positive number"),
         "grad accum": ([*data, "--grad-accum", "-2"], "--grad-accum must be a positive number"),
         "max len": ([*data, "--max-len", "0"], "--max-len must be a positive number"),
         "lr": ([*data, "--lr", "0"], "--lr must be a positive number"),
+        "lr nan": ([*data, "--lr", "nan"], "--lr must be a positive number"),
+        "lr beyond float32": ([*data, "--lr", "1e39"], "--lr must be at most 1e+30"),
+        "weight decay inf": ([*data, "--weight-decay", "inf"], "--weight-decay must be a finite number"),
+        "weight decay nan": ([*data, "--weight-decay", "nan"], "--weight-decay must be a finite number"),
+        "weight decay x lr": ([*data, "--weight-decay", "1000"], "must be below 1"),
+        "warmup ratio nan": ([*data, "--warmup-ratio", "nan"], "--warmup-ratio must be in [0, 1)"),
+        "max grad norm inf": ([*data, "--max-grad-norm", "inf"], "--max-grad-norm must be a positive number"),
+        "seed beyond 64 bits": ([*data, "--seed", str(2**64)], "--seed must be a whole number from 0"),
+        "negative seed": ([*data, "--seed", "-1"], "--seed must be a whole number from 0"),
         "all rows dropped": ([*data, "--max-len", "4"], "rows was dropped"),
         "non-finite loss": ([*data, "--lr", "1e30", "--max-steps", "4"], "non-finite at optimizer step"),
+        "resume and overwrite": (["--resume", str(tmp_path / "run")], "give one of them"),
     }
 
 
 CASES = ["missing data file", "invalid json", "empty data file", "missing column", "missing model",
-         "unknown mode", "batch size", "grad accum", "max len", "lr", "all rows dropped",
-         "non-finite loss"]
+         "truncated model weights", "unknown mode", "batch size", "grad accum", "max len", "lr", "lr nan",
+         "lr beyond float32", "weight decay inf", "weight decay nan", "weight decay x lr", "warmup ratio nan",
+         "max grad norm inf", "seed beyond 64 bits", "negative seed", "all rows dropped", "non-finite loss",
+         "resume and overwrite"]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_gives_one_line_and_keeps_earlier_files(case, tmp_path, tiny_model_dir, alpaca_file,
-                                                         capsys):
+                                                         earlier_run, capsys):
     argv, expected = bad_runs(tmp_path, tiny_model_dir, alpaca_file)[case]
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "bias.safetensors").write_bytes(b"an earlier run's delta")
-    (out / "summary.json").write_text("{}")
-    status, _, err = cli(train.main, [*argv, "--output-dir", str(out)], capsys)
-    lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]  # drop tqdm
+    before = folder_bytes(earlier_run)
+    # --overwrite: the earlier run may be replaced, but only by a run that succeeds.
+    status, _, err = cli(train.main, [*argv, "--output-dir", str(earlier_run), "--overwrite"], capsys)
+    lines = error_lines(err)
     assert status == 2
     assert len(lines) == 1 and expected in lines[0], err
-    assert (out / "bias.safetensors").read_bytes() == b"an earlier run's delta"
-    assert (out / "summary.json").read_text() == "{}"
+    assert folder_bytes(earlier_run) == before
+    assert leftovers(earlier_run) == []
 
 
 def test_bad_input_from_the_real_script_has_no_traceback(tmp_path):

@@ -38,7 +38,7 @@ def test_held_out_rows_are_seeded_and_disjoint(alpaca_file):
 
 
 def test_eval_loss_before_is_the_base_models_token_weighted_loss(tiny_model_dir, alpaca_file, tmp_path):
-    config = settings(tiny_model_dir, alpaca_file, tmp_path, eval_size=3, max_steps=2)
+    config = settings(tiny_model_dir, alpaca_file, tmp_path / "run", eval_size=3, max_steps=2)
     summary = run(config, log=lambda message: None)
     model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
     _, eval_rows = split_rows(load_rows(alpaca_file), 3, seed=config.seed)
@@ -50,7 +50,7 @@ def test_eval_loss_before_is_the_base_models_token_weighted_loss(tiny_model_dir,
     tokens = sum(sum(label != IGNORE_INDEX for label in e["labels"][1:]) for e in examples)
     assert summary["eval_loss_before"] == pytest.approx(float(sum(losses)) / tokens, rel=1e-5)
     assert summary["eval_perplexity_after"] == pytest.approx(torch.exp(torch.tensor(summary["eval_loss_after"])).item())
-    evals = [line for line in metric_lines(tmp_path) if "eval_loss" in line]
+    evals = [line for line in metric_lines(tmp_path / "run") if "eval_loss" in line]
     assert [line["step"] for line in evals] == [0, 1, 2]
 
 
@@ -125,7 +125,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path):
                "--max-len", "48", "--log-every", "1", "--output-dir", str(out)]
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True)
-    metrics = out / "metrics.jsonl"
+    metrics = tmp_path / ".run.staging" / "metrics.jsonl"  # a run writes beside its folder until it ends
     deadline = time.monotonic() + 120
     while (process.poll() is None and time.monotonic() < deadline
            and not (metrics.exists() and metrics.read_text().count("\n") >= 2)):
