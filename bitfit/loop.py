@@ -57,7 +57,7 @@ def train_loop(model, optimizer, examples, config, *, pad_id, device, metrics_lo
     windows = iter_windows(len(examples), config, run["epoch"], run["position"], lengths, world.world_size)
     bar = tqdm(total=total_steps, initial=run["step"], desc=config.mode, unit="step", dynamic_ncols=True,
                disable=not world.is_main)
-    with StopOnCtrlC() as ctrl_c:
+    with bar, StopOnCtrlC() as ctrl_c:  # the bar ends its line however the loop ends
         for step in range(run["step"], total_steps):
             step_start = time.perf_counter()
             epoch, position, window = next(windows)

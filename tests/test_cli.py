@@ -1,6 +1,7 @@
 """The command-line tools: a default run end to end, and one clear line for each bad input."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -50,6 +51,9 @@ def test_full_mode_writes_a_loadable_model_folder(tiny_model_dir, alpaca_file, t
     assert status == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trainable_params"] == summary["total_params"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {file.stat().st_mode & 0o777 for file in out.rglob("*") if file.is_file()} == {0o666 & ~mask}
     status, stdout, err = cli(generate.main, ["--model", str(out / "model"), "--max-new-tokens", "4"],
                               capsys)
     assert status == 0, err
@@ -130,8 +134,65 @@ def test_bad_input_from_the_real_script_has_no_traceback(tmp_path):
     (["--batch-size", "0"], "--batch-size must be a positive number"),
     (["--prompt", "a", "--prompts", "b.txt"], "not allowed with argument --prompt"),
     (["--prompts", "b.txt", "--input", "c"], "--input goes with --prompt"),
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0"),
+    (["--temperature", "inf"], "--temperature must be a finite number >= 0"),
+    (["--prompt", ""], "--prompt is empty"),
+    (["--prompt", "  "], "--prompt is empty"),
+    (["--seed", str(2**64)], "--seed must be a whole number from 0"),
 ])
 def test_generate_rejects_bad_input_in_one_line(argv, expected, capsys):
     status, _, err = cli(generate.main, argv, capsys)
     assert status == 2
     assert err.count("\n") == 1 and expected in err
+
+
+def test_max_len_beyond_the_models_positions_is_capped_and_said(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "long.json"  # a row far longer than the model's 128 positions
+    data.write_text(json.dumps([{"instruction": "Repeat the word three hundred times.", "input": "word",
+                                 "output": "word " * 300}] * 2))
+    out = tmp_path / "run"
+    status, stdout, err = cli(train.main, ["--model", tiny_model_dir, "--data", str(data), "--max-len", "2000",
+                                           "--max-steps", "1", "--output-dir", str(out)], capsys)
+    assert status == 0, err
+    assert f"--max-len 2000 is more than the 128 positions of {tiny_model_dir}: examples are cut at 128" in stdout
+    assert json.loads((out / "train_config.json").read_text())["max_len"] == 128
+
+
+def test_generate_caps_new_tokens_at_the_models_positions(tiny_model_dir, capsys):
+    status, stdout, err = cli(generate.main, ["--model", tiny_model_dir, "--max-new-tokens", "1000"], capsys)
+    assert status == 0, err
+    assert "--max-new-tokens 1000 capped at" in err and "reads at most 128 positions" in err
+    assert "### Base model" in stdout
+
+
+def test_generate_refuses_a_prompt_longer_than_the_models_positions(tiny_model_dir, capsys):
+    status, stdout, err = cli(generate.main, ["--model", tiny_model_dir, "--prompt", "word " * 200], capsys)
+    assert status == 2
+    assert err.count("\n") == 1 and "reads at most 128: no room is left for an answer" in err, err
+    assert stdout == ""
+
+
+def test_generate_prints_each_batch_as_it_finishes_under_a_progress_bar(tiny_model_dir, tmp_path, capsys,
+                                                                        monkeypatch):
+    import bitfit.inference
+    from bitfit.errors import InputError
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"Say {number}." for number in range(1, 6)))
+    answer = bitfit.inference.generate_answers
+    batches = []
+
+    def fails_on_the_third_batch(model, tokenizer, instructions, **kwargs):
+        batches.append([instruction for instruction, _ in instructions])
+        if len(batches) == 3:
+            raise InputError("stopped in the third batch")
+        return answer(model, tokenizer, instructions, **kwargs)
+
+    monkeypatch.setattr(bitfit.inference, "generate_answers", fails_on_the_third_batch)
+    status, stdout, err = cli(generate.main, ["--model", tiny_model_dir, "--prompts", str(prompts),
+                                              "--batch-size", "2", "--max-new-tokens", "2"], capsys)
+    assert status == 2 and "stopped in the third batch" in err
+    assert batches == [["Say 1.", "Say 2."], ["Say 3.", "Say 4."], ["Say 5."]]
+    # The first two batches' answers were out before the third began.
+    assert "### Prompt 4 of 5\nSay 4." in stdout and "### Prompt 5 of 5" not in stdout
+    assert "4/5 [" in err  # the bar, on stderr, had counted them
