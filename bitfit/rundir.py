@@ -20,6 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
+from bitfit.checkpoint import BIAS_FILE
 from bitfit.errors import InputError
 
 CONFIG_FILE = "train_config.json"
@@ -27,6 +28,7 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 RESUMABLE = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE)  # what a resumed run takes over
+RUN_FILES = (*RESUMABLE, SUMMARY_FILE, BIAS_FILE, "model")  # everything a run writes
 # Write failures that are the machine's state, not a bug: reported in one line like bad input.
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
@@ -67,12 +69,13 @@ class RunFolder:
 
     def open(self, *, overwrite: bool = False, resuming: bool = False) -> None:
         """Before anything loads: check the path, take the lock, tidy up after a killed run, and
-        refuse a folder holding a run that this one was not asked to replace or continue."""
+        refuse a folder this run would replace without being asked to, or whose files it would lose."""
         if not self.writer:
             return
         check_output_path(self.path, "--output-dir")
         self.lock = take_lock(self.lock_path, self.path)
         self.recover()
+        self.refuse_other_files()
         if not resuming:
             self.check_free(overwrite)
 
@@ -89,22 +92,28 @@ class RunFolder:
             self.log(f"removed {self.staging}, left by a run into {self.path} that stopped before its "
                      f"first checkpoint")
 
+    def refuse_other_files(self) -> None:
+        """A run replaces the whole folder, so it must hold nothing but a run's own files."""
+        entries = sorted(entry.name for entry in self.path.iterdir()) if self.path.is_dir() else []
+        if entries and CONFIG_FILE not in entries:
+            raise InputError(f"--output-dir {self.path} holds files that are not a bitfit run "
+                             f"({', '.join(entries[:3])}); a run replaces the whole folder, so choose a new "
+                             f"or empty one")
+        others = [name for name in entries if name not in RUN_FILES]
+        if others:
+            raise InputError(f"{self.path} also holds {', '.join(others[:3])}, which no run wrote; a run "
+                             f"replaces the whole folder, so move them out of it first")
+
     def check_free(self, overwrite: bool) -> None:
-        """A new run replaces the whole folder: refuse one that holds a run, unless --overwrite,
-        and one that holds anything else."""
+        """A new run replaces the folder: refuse one that holds a run (or a stopped run's checkpoint
+        beside it), unless --overwrite."""
         if self.staging.exists():  # recover() left it: it holds a checkpoint
             if not overwrite:
                 raise InputError(f"{self.staging} holds the checkpoint of a run into {self.path} that stopped "
                                  f"before it finished; continue it with --resume {self.path}, or pass "
                                  f"--overwrite to discard it")
             remove_tree(self.staging, self.log)
-        if not self.path.is_dir() or not any(self.path.iterdir()):
-            return
-        if not (self.path / CONFIG_FILE).is_file():
-            names = ", ".join(sorted(entry.name for entry in self.path.iterdir())[:3])
-            raise InputError(f"--output-dir {self.path} holds files that are not a bitfit run ({names}); a "
-                             f"run replaces the whole folder, so choose a new or empty one")
-        if overwrite:
+        if not (self.path / CONFIG_FILE).is_file() or overwrite:
             return
         if (self.path / SUMMARY_FILE).is_file():
             raise InputError(f"--output-dir {self.path} holds a finished run; pass --overwrite to replace it, "

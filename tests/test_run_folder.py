@@ -241,6 +241,19 @@ def test_a_folder_of_other_files_is_never_replaced(tmp_path, tiny_model_dir, alp
     assert folder_bytes(folder) == {"todo.txt": b"keep me"}
 
 
+@pytest.mark.parametrize("how", ["--overwrite", "--resume"])
+def test_a_users_own_files_in_a_run_folder_are_never_replaced(how, earlier_run, tiny_model_dir, alpaca_file,
+                                                              capsys):
+    (earlier_run / "merged").mkdir()  # an export, say, written into the run folder
+    (earlier_run / "merged" / "config.json").write_text("{}")
+    before = folder_bytes(earlier_run)
+    argv = ([*train_argv(tiny_model_dir, alpaca_file, earlier_run), "--overwrite"] if how == "--overwrite"
+            else ["--resume", str(earlier_run), "--max-steps", "3"])
+    status, _, err = cli(train.main, argv, capsys)
+    assert status == 2 and "also holds merged, which no run wrote" in err, err
+    assert folder_bytes(earlier_run) == before
+
+
 def test_ctrl_c_commits_the_unfinished_run_in_place_of_the_earlier_one(earlier_run, tiny_model_dir, alpaca_file,
                                                                        capsys, monkeypatch):
     write = MetricsLog.write
