@@ -3,13 +3,17 @@
     python train.py --mode bitfit
     python train.py --mode bitfit --model bigscience/bloomz-1b1 --data yahma/alpaca-cleaned --limit 1000
     python train.py --resume runs/bitfit --max-steps 500
+    python train.py --config runs/bitfit/train_config.json --lr 5e-4 --output-dir runs/bitfit-lr5e-4
+
+This file turns flags into a TrainConfig and calls bitfit.run.run. The training step itself is
+bitfit/loop.py's train_step; python -m bitfit.walkthrough writes the same step out to read first.
 """
 
 import argparse
 import sys
 
 from bitfit.cli import ArgumentParser, run_main
-from bitfit.config import DEFAULT_LR, DEVICES, DTYPES, MODES, TrainConfig
+from bitfit.config import DEFAULT_LR, DEVICES, DTYPES, MODES, TrainConfig, read_config_file
 from bitfit.errors import InputError
 
 D = TrainConfig()  # the defaults, shown in --help
@@ -22,6 +26,8 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description="BitFit: fine-tune only the bias terms of a causal LM.",
                             argument_default=argparse.SUPPRESS)
     add = parser.add_argument
+    add("--config", metavar="FILE", help="start from the settings in a JSON or YAML file (a run's "
+                                         "train_config.json is one); flags given here override them")
     add("--mode", choices=MODES, help=f"bitfit trains the biases only; full trains every parameter "
                                       f"(default: {D.mode})")
     add("--model", help="hub id or local folder (default: a built-in tiny GPT-2)")
@@ -70,8 +76,13 @@ def parse_args(argv=None) -> tuple[TrainConfig, dict | None, bool]:
     given = vars(build_parser().parse_args(argv))
     run_dir = given.pop("resume", None)
     overwrite = given.pop("overwrite", False)
+    config_file = given.pop("config", None)
+    if run_dir is not None and config_file is not None:
+        raise InputError("--config starts a new run from a file's settings; --resume continues a run with "
+                         "the settings it started with: use one or the other")
     if run_dir is None:
-        return TrainConfig(**given), None, overwrite
+        from_file = read_config_file(config_file) if config_file is not None else {}
+        return TrainConfig(**{**from_file, **given}), None, overwrite
     if overwrite:
         raise InputError("--overwrite starts the run afresh and --resume continues it: give one of them")
 
@@ -91,6 +102,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, dict | None, bool]:
 def main(argv=None) -> None:
     config, resume_state, overwrite = parse_args(argv)
     from bitfit import distributed  # imported late so that --help and flag errors answer at once
+    from bitfit.compare import compare_command
     from bitfit.model import resolve_device
     from bitfit.run import run
 
@@ -100,6 +112,9 @@ def main(argv=None) -> None:
         run(config, resume_state, world=world, overwrite=overwrite)
     finally:
         distributed.cleanup()
+    command = compare_command(config.output_dir, config.mode)
+    if command is not None and world.is_main:
+        print(f"compare it with the other mode's run: {command}")
 
 
 if __name__ == "__main__":

@@ -272,12 +272,14 @@ def measure(args, config: TrainConfig) -> dict:
     from bitfit.loop import train_loop
     from bitfit.metrics import peak_memory_bytes, peak_rss_bytes, reset_peak_memory, work_done
     from bitfit.model import resolve_device, weights_dtype
-    from bitfit.run import device_name, prepare_for_training
+    from bitfit.run import build_optimizer, device_name, freeze, set_precision_and_kernels
 
     device = resolve_device(config.device)
     model = build_model(args.arch, weights_dtype(config), device)
     num_params = sum(p.numel() for p in model.parameters())  # tied embedding and head counted once
-    trained_names, optimizer = prepare_for_training(model, config, device)
+    trained_names, masks = freeze(model, config)  # the setup steps of bitfit.run.run, in its order
+    set_precision_and_kernels(model, config, device)
+    optimizer = build_optimizer(model, config, device, no_decay=masks)
     examples = synthetic_examples(args.rows, vocab_size=model.config.vocab_size,
                                   eos_id=model.config.eos_token_id, max_len=config.max_len, seed=args.seed)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id

@@ -1,8 +1,14 @@
 """A training run's settings: one dataclass, validated once, saved with the run."""
 
 import dataclasses
+import difflib
+import json
 import math
+import re
+import typing
 from pathlib import Path
+
+import yaml
 
 from bitfit.errors import InputError
 
@@ -120,3 +126,90 @@ def _check_choice(flag, value, choices):
 def _check_positive(flag, value):
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
         raise InputError(f"{flag} must be a positive number, got {value}")
+
+
+# --- Settings from a file (python train.py --config FILE) ---
+
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+def read_config_file(path: str) -> dict:
+    """The settings in a JSON or YAML file, checked: known keys, values of the right type, in range.
+
+    A config file is a run's settings, the keys of train_config.json, so a run's own
+    train_config.json is one. It must make a valid run on its own; command-line flags then
+    override it (train.py).
+    """
+    settings = _parse_config_file(Path(path))
+    fields = {field.name: field.type for field in dataclasses.fields(TrainConfig)}
+    for key, value in settings.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"the settings are: {', '.join(fields)}"
+            raise InputError(f"{path}: unknown setting {key!r} ({hint})")
+        if not _is_of_type(value, fields[key]):
+            raise InputError(f"{path}: {key} must be {_type_name(fields[key])}, got {value!r}")
+    try:
+        TrainConfig(**settings)  # ranges and combinations, checked as for flags
+    except InputError as error:
+        # TrainConfig's checks name the command-line flags; name the file's keys instead.
+        message = str(error)
+        for key in fields:
+            message = re.sub(re.escape("--" + key.replace("_", "-")) + r"(?![\w-])", key, message)
+        raise InputError(f"{path}: {message}") from None
+    # train_config.json records lr and output_dir as they were resolved from the mode. Where they
+    # are just that mode's defaults, leave them out, so that they follow a --mode given on the
+    # command line (a BitFit run's learning rate would wreck full fine-tuning).
+    mode_defaults = TrainConfig(mode=settings.get("mode", TrainConfig.mode))
+    for key in ("lr", "output_dir"):
+        if key in settings and settings[key] == getattr(mode_defaults, key):
+            del settings[key]
+    return settings
+
+
+def _parse_config_file(path: Path) -> dict:
+    if path.suffix.lower() not in CONFIG_SUFFIXES:
+        raise InputError(f"--config {path}: expected a .json, .yaml or .yml file")
+    if not path.is_file():
+        raise InputError(f"--config {path}: no such file")
+    try:
+        text = path.read_text()
+        settings = json.loads(text) if path.suffix.lower() == ".json" else yaml.load(text, Loader=_YamlLoader)
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a text file") from None
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise InputError(f"{path}: not valid YAML ({getattr(error, 'problem', None) or error}{where})") from None
+    if not isinstance(settings, dict):
+        found = "nothing" if settings is None else f"a {type(settings).__name__}"
+        raise InputError(f"{path}: expected settings as key: value pairs, found {found}")
+    return settings
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, which reads 1e-3 as text (it wants 1.0e-3); this reads it as a number."""
+
+
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                  re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                                  list("-+.0123456789"))
+
+
+def _is_of_type(value, annotation) -> bool:
+    allowed = typing.get_args(annotation) or (annotation,)
+    if value is None:
+        return type(None) in allowed
+    if isinstance(value, bool):  # True is an int to Python, not to a setting
+        return bool in allowed
+    if isinstance(value, int) and float in allowed:
+        return True  # 1 means 1.0 to a float setting
+    return type(value) in allowed
+
+
+def _type_name(annotation) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             type(None): "null"}
+    return " or ".join(names[kind] for kind in typing.get_args(annotation) or (annotation,))

@@ -2,6 +2,8 @@
 
 Each example is a plain dict {"input_ids": [...], "labels": [...]}. Labels are -100 over the
 prompt, so the model is trained to write the response and never to echo the instruction.
+Labels are aligned with input_ids (labels[i] is input_ids[i] or -100); the loss shifts them,
+scoring the logits at position i against labels[i + 1] (bitfit.loss).
 """
 
 import collections.abc
@@ -124,7 +126,8 @@ def tokenize_rows(rows: list[dict], tokenizer, max_len: int) -> tuple["Tokenized
     """Turn rows into examples; return them and how many rows were dropped.
 
     A row is dropped when truncation at max_len leaves none of its response: it would have
-    no label tokens, add nothing to training, and make a per-batch mean loss divide by zero.
+    no label tokens and add nothing to training (and a window of only such rows would leave
+    the loss nothing to be divided by).
     """
     if tokenizer.eos_token_id is None:
         raise InputError("the tokenizer has no eos token; one is needed to end each response")

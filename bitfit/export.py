@@ -57,6 +57,18 @@ def main(argv=None) -> None:
     print(f"wrote {out}: {model_name} with the {len(tensors)} bias tensors of {args.bias} merged in{note}")
 
 
+def merge_bias_delta(model, tensors: dict, metadata: dict | None = None, force: bool = False) -> list[str]:
+    """Put a delta into model for good, as main does, so that save_model_folder writes an ordinary
+    model folder: check and apply it (bitfit.checkpoint.apply_bias_delta), then switch on the config
+    flags that give the biases --add-biases created a place in the folder; return those flags.
+    """
+    from bitfit.checkpoint import apply_bias_delta, delta_added_biases
+
+    apply_bias_delta(model, tensors, metadata, force=force)
+    added = delta_added_biases(metadata)
+    return hold_added_biases(model, added) if added else []
+
+
 def hold_added_biases(model, added: list[str]) -> list[str]:
     """Switch on the config flags that give the added biases a place in a saved model folder;
     return the flags switched on.

@@ -35,7 +35,7 @@ def work_done(progress: dict) -> dict:
         "samples": progress["samples"],
         "tokens": progress["tokens"],
         "label_tokens": progress["label_tokens"],
-        "padding_fraction": 1 - progress["tokens"] / progress["padded_tokens"],
+        "padding_fraction": 1 - progress["tokens"] / progress["tokens_with_padding"],
         # Token-weighted over the run, like each step's loss: total loss / total label tokens.
         "train_loss": progress["loss_sum"] / progress["label_tokens"],
         "seconds": seconds,

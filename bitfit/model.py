@@ -20,7 +20,7 @@ def weights_dtype(config) -> torch.dtype:
 
     BitFit never updates its weights, so with bf16/fp16 they are stored in that half
     precision: half the memory, and the autocast forward uses them as they are. The biases
-    are kept in fp32 (see bitfit.run.prepare_for_training), since an update of 1e-5 to a bias
+    are kept in fp32 (see bitfit.run.set_precision_and_kernels), since an update of 1e-5 to a bias
     of 0.5 would vanish in bf16, whose 8-bit mantissa resolves only ~0.4% steps. Full
     fine-tuning updates every weight, so it keeps them all in fp32 and only computes in half
     precision under autocast (classic mixed precision).

@@ -4,17 +4,25 @@ A checkpoint holds the trainable tensors (in BitFit, the biases: a few MB whatev
 size), the optimizer's moments, the progress counters and the random-number state. The frozen
 weights are not in it: they are reloaded from the base model, so the progress also records
 fingerprints of the base and of the data, and a resumed run refuses to go on if either changed.
+
+The training loop calls save_checkpoint_if_due after every optimizer step, inside StopOnCtrlC:
+a checkpoint is written every --save-every steps, and when Ctrl-C asks the run to stop.
 """
 
 import dataclasses
 import random
+import signal
+import threading
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
+from bitfit.bias import trainable_parameters
 from bitfit.checkpoint import refuse_non_finite, save_torch
 from bitfit.config import TrainConfig
-from bitfit.errors import InputError
+from bitfit.distributed import any_rank
+from bitfit.errors import InputError, Interrupted
 from bitfit.rundir import CHECKPOINT_FILE, find_checkpoint
 
 CHECKPOINT_FORMAT = "bitfit-checkpoint/1"
@@ -26,7 +34,7 @@ def save_training_state(output_dir, model, optimizer, config, progress: dict) ->
         "format": CHECKPOINT_FORMAT,
         "config": config.to_dict(),
         "trainable": {name: param.detach().to("cpu", copy=True)
-                      for name, param in model.named_parameters() if param.requires_grad},
+                      for name, param in trainable_parameters(model).items()},
         # The learning-rate schedule needs no state of its own: it is a function of the step.
         "optimizer": optimizer.state_dict(),
         "progress": dict(progress),
@@ -91,4 +99,47 @@ def restore_training_state(state: dict, model, optimizer) -> dict:
                          f"{str(error).splitlines()[0] if str(error) else ''}") from None
     if state["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return dict(state["progress"])
+    progress = dict(state["progress"])
+    if "padded_tokens" in progress:  # the name of tokens_with_padding in checkpoints written before it
+        progress["tokens_with_padding"] = progress.pop("padded_tokens")
+    return progress
+
+
+def save_checkpoint_if_due(model, optimizer, config, progress: dict, *, total_steps: int, ctrl_c, device,
+                           world, checkpoint_dir=None) -> None:
+    """After an optimizer step: write checkpoint.pt every --save-every steps and at the last step,
+    or when Ctrl-C was pressed, and then stop the run with Interrupted.
+
+    It goes in checkpoint_dir (the run's staging folder, see bitfit.rundir), by default config.output_dir.
+    """
+    step = progress["step"]
+    last_step = step == total_steps
+    stop = any_rank(ctrl_c.pressed, device)  # every rank stops at the same step
+    save = stop or (config.save_every and (step % config.save_every == 0 or last_step))
+    if save and world.is_main:  # the ranks hold the same state: one copy is enough
+        save_training_state(checkpoint_dir or config.output_dir, model, optimizer, config, progress)
+    if stop and not last_step:
+        raise Interrupted(f"checkpoint saved at optimizer step {step} of {total_steps} in "
+                          f"{config.output_dir}; continue with: python train.py --resume "
+                          f"{config.output_dir}")
+
+
+class StopOnCtrlC:
+    """While training, Ctrl-C asks for a stop after the current step (with a checkpoint);
+    a second Ctrl-C stops at once."""
+
+    def __enter__(self):
+        self.pressed = False
+        self.active = threading.current_thread() is threading.main_thread()  # signals need it
+        if self.active:
+            self.previous = signal.signal(signal.SIGINT, self._on_ctrl_c)
+        return self
+
+    def _on_ctrl_c(self, signum, frame):
+        self.pressed = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        tqdm.write("Ctrl-C: stopping after this step and saving a checkpoint (press again to quit now)")
+
+    def __exit__(self, *exc_info):
+        if self.active:
+            signal.signal(signal.SIGINT, self.previous)

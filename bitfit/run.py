@@ -1,9 +1,12 @@
-"""A training run from settings to files: load, freeze, build the optimizer, loop, save.
+"""A training run from settings to files: load, freeze, set precisions, build the optimizer, loop, save.
 
 Everything that can be wrong with the user's input (flags, output folder, data, the model's
 position limit) is checked before the model loads, and the run writes into a staging folder
 that replaces the run folder only once it has succeeded (bitfit.rundir), so a failed run never
 changes an earlier run's files.
+
+The model's setup is three steps that run() calls in order, each a function below: freeze
+(what trains), set_precision_and_kernels (how it computes), build_optimizer (what updates it).
 """
 
 import dataclasses
@@ -72,11 +75,12 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=
 
         # Dropout (each rank its own masks); the data order has its own seeded generator.
         torch.manual_seed(config.seed + world.rank)
-        trained_names, optimizer = prepare_for_training(model, config, device)
-        masks = {}
+        model.to(device)
+        trained_names, masks = freeze(model, config)
+        set_precision_and_kernels(model, config, device)
+        optimizer = build_optimizer(model, config, device, no_decay=masks)
         if config.mode == "bitfit":
             log(describe_bias_terms(model, config.bias_terms))
-            masks = partly_trained(model, config.bias_terms)
         trainable, total = count_parameters(model, masks)  # a fused bias counts only its trained slice
         log(describe_counts(trainable, total))
         progress = {**new_progress(), "fingerprints": fingerprints}
@@ -167,19 +171,35 @@ def build_summary(config, progress, *, trainable, total, device, dropped_rows, e
     }
 
 
-def prepare_for_training(model, config: TrainConfig, device: torch.device):
-    """Freeze for the mode, set precisions and memory options, move to device; return
-    (names of the trained parameters, optimizer)."""
+# ------------------------------------------------------------- setting up the model, in order
+
+
+def freeze(model, config: TrainConfig) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """Step 1, what trains: in BitFit the chosen biases, everything in full mode. Returns the
+    names of the trained tensors and the masks of those of which only a slice trains.
+
+    Call it once the model is on its device: the masks are put where the gradients will be.
+    """
     if config.add_biases:
         # Zero biases change no output, so training starts from the base model exactly; they are
         # marked as added, which the delta records so that loading can create them again.
         add_biases(model, config.bias_terms)
     trained_names = select_trainable(model, config.mode, config.bias_terms)
+    # A fused q,k,v bias of which only a slice is chosen (--bias-terms query on GPT-2, say)
+    # trains through a gradient mask.
+    masks = partly_trained(model, config.bias_terms) if config.mode == "bitfit" else {}
+    mask_gradients(model, masks)
+    return trained_names, masks
+
+
+def set_precision_and_kernels(model, config: TrainConfig, device: torch.device) -> None:
+    """Step 2, how it computes: fp32 where precision matters, faster kernels where they give the
+    same numbers, and the memory options. Each is explained where it is defined."""
     fuse_tanh_gelu(model)
     if weights_dtype(config) != torch.float32:
         keep_norms_in_fp32(model)
     with torch.no_grad():
-        for param in trainable_parameters(model):
+        for param in trainable_parameters(model).values():
             # fp32 master copies of whatever trains (bf16 would round small updates away).
             param.data = param.data.float()
     if config.grad_checkpointing:
@@ -190,18 +210,13 @@ def prepare_for_training(model, config: TrainConfig, device: torch.device):
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.to(device)
     prefer_eager_attention_on_cpu(model, device)
-    # A fused q,k,v bias of which only a slice is chosen (--bias-terms query on GPT-2, say)
-    # trains through a gradient mask, made on the device where the gradients will be.
-    masks = partly_trained(model, config.bias_terms) if config.mode == "bitfit" else {}
-    mask_gradients(model, masks)
     if config.compile:
         model.base_model.compile()  # in place, so parameter names (and deltas) stay the same
-    return trained_names, build_optimizer(model, config, device, no_decay=masks)
 
 
 def build_optimizer(model, config: TrainConfig, device=torch.device("cpu"), no_decay=()) -> torch.optim.Optimizer:
+    """Step 3, what updates it: AdamW over the trainable tensors only."""
     # The optimizer only ever sees the trainable tensors: in BitFit, AdamW's two moment
     # buffers are then as small as the biases themselves, one of BitFit's memory savings.
     # The fused CUDA kernel updates all tensors in one launch instead of several per tensor.
@@ -209,7 +224,7 @@ def build_optimizer(model, config: TrainConfig, device=torch.device("cpu"), no_d
     # would move the masked-out slice of a partly trained tensor (no_decay): those get none,
     # which keeps that slice bit-identical to the base without restoring it after every step
     # (their trained slice goes undecayed too; with the default --weight-decay 0 nothing differs).
-    named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    named = trainable_parameters(model).items()
     groups = [{"params": [param for name, param in named if name not in no_decay]},
               {"params": [param for name, param in named if name in no_decay], "weight_decay": 0.0}]
     return torch.optim.AdamW([group for group in groups if group["params"]], lr=config.lr,

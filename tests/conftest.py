@@ -70,6 +70,17 @@ def alpaca_file(tmp_path):
     return str(path)
 
 
+def prepare_for_training(model, config, device):
+    """The setup steps of bitfit.run.run, in its order, for tests that train a model they loaded:
+    returns (names of the trained tensors, optimizer)."""
+    from bitfit.run import build_optimizer, freeze, set_precision_and_kernels
+
+    model.to(device)
+    trained_names, masks = freeze(model, config)
+    set_precision_and_kernels(model, config, device)
+    return trained_names, build_optimizer(model, config, device, no_decay=masks)
+
+
 TIMING = {"seconds", "tokens_per_s"}  # metrics.jsonl keys that differ from run to run
 
 

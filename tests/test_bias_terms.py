@@ -19,8 +19,8 @@ from bitfit.loop import train_loop
 from bitfit.metrics import MetricsLog
 from bitfit.model import load_model_and_tokenizer, pad_token_id
 from bitfit.resume import load_training_state
-from bitfit.run import prepare_for_training, run
-from conftest import ROWS
+from bitfit.run import run
+from conftest import ROWS, prepare_for_training
 
 CPU = torch.device("cpu")
 HIDDEN, HEADS, LAYERS = 12, 3, 2  # 3 heads of 4: per-head interleaving differs from thirds

@@ -86,6 +86,19 @@ def test_resume_gives_the_same_biases_and_metrics_as_a_straight_run(tiny_model_d
     assert summary["train_loss"] == pytest.approx(straight_summary["train_loss"], rel=1e-6)
 
 
+def test_a_checkpoint_written_before_tokens_with_padding_still_resumes(tiny_model_dir, alpaca_file, tmp_path):
+    """Checkpoints written before the progress key was renamed keep their count of padded positions."""
+    straight, old = tmp_path / "straight", tmp_path / "old"
+    quick = dict(eval_size=None, eval_every=None, max_steps=3)
+    expected = run(settings(tiny_model_dir, alpaca_file, straight, **quick), log=lambda message: None)
+    run(settings(tiny_model_dir, alpaca_file, old, **{**quick, "max_steps": 2, "save_every": 2}),
+        log=lambda message: None)
+    state = load_training_state(str(old))
+    state["progress"]["padded_tokens"] = state["progress"].pop("tokens_with_padding")
+    summary = run(settings(tiny_model_dir, alpaca_file, old, **quick), state, log=lambda message: None)
+    assert 0 < summary["padding_fraction"] == pytest.approx(expected["padding_fraction"])
+
+
 def test_a_resumed_run_may_extend_but_not_change_settings(tiny_model_dir, alpaca_file, tmp_path, capsys):
     out = str(tmp_path / "run")
     base = ["--model", tiny_model_dir, "--data", alpaca_file, "--output-dir", out, "--max-steps", "2",
