@@ -58,8 +58,8 @@ def load_training_state(run_dir: str) -> dict:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{path}: not a bitfit checkpoint")
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(state.get(key), dict)]
-    missing += [f"rng.{key}" for key in ("torch", "python", "cuda") if "rng" not in missing
-                and key not in state["rng"]]
+    if "rng" not in missing:
+        missing += [f"rng.{key}" for key in ("torch", "python", "cuda") if key not in state["rng"]]
     if missing:
         raise InputError(f"{path}: a damaged bitfit checkpoint: it has no {', '.join(missing)}")
     unknown = sorted(set(state["config"]) - {field.name for field in dataclasses.fields(TrainConfig)})
@@ -76,12 +76,13 @@ def refuse_changed_inputs(progress: dict, fingerprints: dict, run_dir: str) -> N
     a checkpoint from before fingerprints were recorded is not checked.
     """
     recorded = progress.get("fingerprints") or {}
-    changed = {"data": "the training data (its rows differ)", "base": "the base model (its weights differ)"}
+    changed = {"data": ("the training data (its rows differ)", "--data"),
+               "base": ("the base model (its weights differ)", "--model")}
     for what, actual in fingerprints.items():
         if recorded.get(what) not in (None, actual):
-            raise InputError(f"--resume {run_dir}: {changed[what]} changed since the run started "
-                             f"(fingerprint {recorded[what]}, now {actual}); resume with the same "
-                             f"{'--data' if what == 'data' else '--model'}, or start a new run")
+            description, flag = changed[what]
+            raise InputError(f"--resume {run_dir}: {description} changed since the run started (fingerprint "
+                             f"{recorded[what]}, now {actual}); resume with the same {flag}, or start a new run")
 
 
 def restore_training_state(state: dict, model, optimizer) -> dict:
@@ -95,8 +96,8 @@ def restore_training_state(state: dict, model, optimizer) -> dict:
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
     except (KeyError, ValueError, TypeError, RuntimeError) as error:  # a damaged or forged checkpoint
-        raise InputError(f"the checkpoint does not fit this run: {type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''}") from None
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise InputError(f"the checkpoint does not fit this run ({type(error).__name__}: {first_line})") from None
     if state["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     progress = dict(state["progress"])
