@@ -19,9 +19,10 @@ from bitfit.distributed import SINGLE, gather_objects
 from bitfit.errors import InputError
 from bitfit.loop import count_optimizer_steps, train_loop
 from bitfit.metrics import (MetricsLog, format_summary, peak_memory_bytes, peak_rss_bytes, perplexity,
-                            reset_peak_memory, work_done)
+                            reset_peak_memory, weight_bytes, work_done)
 from bitfit.model import (fuse_tanh_gelu, keep_norms_in_fp32, load_model_and_tokenizer, pad_token_id,
                           prefer_eager_attention_on_cpu, resolve_device, weights_dtype)
+from bitfit.quantize import describe_quantized, quantize_frozen_weights
 from bitfit.resume import restore_training_state
 
 
@@ -59,6 +60,8 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=
     # Dropout (each rank its own masks); the data order has its own seeded generator.
     torch.manual_seed(config.seed + world.rank)
     trained_names, optimizer = prepare_for_training(model, config, device)
+    if config.quantize:
+        log(describe_quantized(model))
     masks = {}
     if config.mode == "bitfit":
         log(describe_bias_terms(model, config.bias_terms))
@@ -93,10 +96,12 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=
     peak_memory_per_rank = gather_objects(peak_memory_bytes(device))
     summary = build_summary(config, progress, trainable=trainable, total=total, device=device,
                             dropped_rows=dropped + eval_dropped, eval_rows=len(eval_examples),
-                            world_size=world.world_size, peak_memory_per_rank=peak_memory_per_rank)
+                            world_size=world.world_size, peak_memory_per_rank=peak_memory_per_rank,
+                            weight_bytes=weight_bytes(model))
     if world.is_main:  # every rank holds the same trained tensors
         if config.mode == "bitfit":
-            save_bias_delta(output_dir / BIAS_FILE, model, trained_names, base_model=config.model)
+            save_bias_delta(output_dir / BIAS_FILE, model, trained_names, base_model=config.model,
+                            quantized_base=config.quantize)
         else:
             save_model_folder(output_dir / "model", model, tokenizer)
         save_json(output_dir / "summary.json", summary)
@@ -105,7 +110,7 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=
 
 
 def build_summary(config, progress, *, trainable, total, device, dropped_rows, eval_rows, world_size=1,
-                  peak_memory_per_rank=None) -> dict:
+                  peak_memory_per_rank=None, weight_bytes=None) -> dict:
     """The run's summary; progress's counts are already global (summed over the ranks)."""
     if peak_memory_per_rank is None:
         peak_memory_per_rank = [peak_memory_bytes(device)]
@@ -125,6 +130,9 @@ def build_summary(config, progress, *, trainable, total, device, dropped_rows, e
         "peak_rss_bytes": peak_rss_bytes(),
         "device": device_name(device),
         "dtype": config.dtype,
+        "quantize": config.quantize,
+        # What the weights, and the buffers, occupy: the number that --quantize and --dtype change.
+        "weight_bytes": weight_bytes,
         "dropped_rows": dropped_rows,
         "eval_rows": eval_rows,
         "eval_loss_before": progress["eval_loss_before"],
@@ -142,6 +150,10 @@ def prepare_for_training(model, config: TrainConfig, device: torch.device):
         # marked as added, which the delta records so that loading can create them again.
         add_biases(model, config.bias_terms)
     trained_names = select_trainable(model, config.mode, config.bias_terms)
+    if config.quantize:
+        # BitFit never updates a weight, so the frozen ones can be held in 4 bits; this moves
+        # them to the device one at a time, before the rest of the model follows.
+        quantize_frozen_weights(model, device)
     fuse_tanh_gelu(model)
     if weights_dtype(config) != torch.float32:
         keep_norms_in_fp32(model)
