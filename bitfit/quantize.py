@@ -20,6 +20,10 @@ from bitfit.errors import TORCHAO_IMPORT_NOISE, InputError, library_logs_silence
 
 NF4_BLOCK = 64  # weights that share one absmax scale (QLoRA's block size)
 NF4_SCALE_GROUP = 256  # at most this many block scales share one second-level constant (QLoRA's)
+# torchao dequantizes a weight with ~14 bytes of temporaries per weight (int64 codes among them):
+# 0.9 GiB for a moment for a 7B model's 68M-weight MLP matrix. Dequantized in pieces of at most
+# this many weights, it stays under ~112 MiB whatever the model.
+DEQUANTIZE_PIECE = 2**23
 
 
 class NF4Linear(torch.nn.Linear):
@@ -46,8 +50,10 @@ class NF4Linear(torch.nn.Linear):
             # straight into the compute dtype rather than into fp32 first.
             x = x.to(torch.get_autocast_dtype(device_type))
         # torchao's linear for NF4: dequantize, matmul; its backward dequantizes again and returns
-        # only the input's gradient (the weight never trains). It saves no activation.
-        out = F.linear(x, self.weight)
+        # only the input's gradient (the weight never trains). It saves no activation. A large
+        # weight goes a block of rows at a time, each a view of the 4-bit storage.
+        outs = [F.linear(x, rows) for rows in self.weight.split(piece_rows(self.weight))]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         # The bias joins in the output's dtype, as in a plain Linear under autocast.
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
@@ -87,6 +93,18 @@ def quantize_frozen_weights(model: torch.nn.Module, device: torch.device) -> lis
         parent, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent), name, NF4Linear(nf4, module.bias, sample))
     return left_as_they_were
+
+
+def piece_rows(weight) -> int:
+    """Rows of an NF4 weight to dequantize at once: the fewest equal pieces of at most
+    DEQUANTIZE_PIECE weights that split its rows, its bytes and its groups of scales evenly
+    (torchao's split needs that); the whole weight where no such split exists."""
+    rows, groups = weight.size(0), weight.quantization_factor.numel()
+    for pieces in range(1, groups + 1):
+        if (weight.numel() <= pieces * DEQUANTIZE_PIECE and rows % pieces == 0 and groups % pieces == 0
+                and weight.quantized_data.numel() % pieces == 0):
+            return rows // pieces
+    return rows
 
 
 def scale_group(blocks: int) -> int:

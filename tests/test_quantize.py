@@ -127,6 +127,26 @@ def test_the_4_bit_model_computes_with_its_dequantized_weights(tiny_model_dir):
     torch.testing.assert_close(logits(quantized), logits(reference), rtol=1e-5, atol=1e-6)
 
 
+def test_a_large_weight_dequantized_in_pieces_computes_the_same(monkeypatch):
+    from bitfit import quantize
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(256, 512)  # 2048 blocks of 64, 8 groups of 256 scales
+    layer = NF4Linear(quantize.import_to_nf4()(plain.weight.detach(), NF4_BLOCK, 256), plain.bias, None)
+    x, upstream = torch.randn(3, 5, 256, requires_grad=True), torch.randn(3, 5, 512)
+    results = []
+    for piece in (quantize.DEQUANTIZE_PIECE, 2**14):
+        monkeypatch.setattr(quantize, "DEQUANTIZE_PIECE", piece)
+        x.grad = plain.bias.grad = None
+        out = layer(x)
+        out.backward(upstream)
+        results.append((quantize.piece_rows(layer.weight), out.detach(), x.grad, plain.bias.grad))
+    (whole, *expected), (rows, *got) = results
+    assert (whole, rows) == (512, 64)  # 8 pieces of 64 rows, each 2**14 weights
+    for got_tensor, expected_tensor in zip(got, expected):
+        torch.testing.assert_close(got_tensor, expected_tensor, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("folder", ["tiny_model_dir", "llama_dir"])
 def test_quantized_logits_are_close_to_the_unquantized_ones(folder, request):
     folder = request.getfixturevalue(folder)
