@@ -15,6 +15,7 @@ One module per idea:
     inference   answering prompts with a model and its deltas
     export      merging a delta into an ordinary model folder
     bench       the benchmark: real shapes, random weights, synthetic rows
+    quantize    --quantize nf4: the frozen weights of the blocks held in 4 bits
 """
 
 from bitfit.errors import InputError

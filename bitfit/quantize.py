@@ -12,6 +12,8 @@ the output head keep --dtype.
 torchao is imported only when a quantized model is built (import_to_nf4).
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -52,7 +54,9 @@ class NF4Linear(torch.nn.Linear):
         # torchao's linear for NF4: dequantize, matmul; its backward dequantizes again and returns
         # only the input's gradient (the weight never trains). It saves no activation. A large
         # weight goes a block of rows at a time, each a view of the 4-bit storage.
-        outs = [F.linear(x, rows) for rows in self.weight.split(piece_rows(self.weight))]
+        rows = piece_rows(self.weight)
+        pieces = [self.weight] if rows == self.out_features else self.weight.split(rows)
+        outs = [F.linear(x, piece) for piece in pieces]
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         # The bias joins in the output's dtype, as in a plain Linear under autocast.
         return out if self.bias is None else out + self.bias.to(out.dtype)
@@ -100,9 +104,8 @@ def piece_rows(weight) -> int:
     DEQUANTIZE_PIECE weights that split its rows, its bytes and its groups of scales evenly
     (torchao's split needs that); the whole weight where no such split exists."""
     rows, groups = weight.size(0), weight.quantization_factor.numel()
-    for pieces in range(1, groups + 1):
-        if (weight.numel() <= pieces * DEQUANTIZE_PIECE and rows % pieces == 0 and groups % pieces == 0
-                and weight.quantized_data.numel() % pieces == 0):
+    for pieces in range(math.ceil(weight.numel() / DEQUANTIZE_PIECE), groups + 1):
+        if rows % pieces == 0 and groups % pieces == 0 and weight.quantized_data.numel() % pieces == 0:
             return rows // pieces
     return rows
 
