@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from bitfit.loop import train_loop
 from bitfit.metrics import MetricsLog, weight_bytes
 from bitfit.model import load_model_and_tokenizer, pad_token_id
 from bitfit.quantize import NF4_BLOCK, NF4Linear, quantize_frozen_weights, scale_group
+from bitfit.resume import load_training_state
 from bitfit.run import prepare_for_training, run
 from conftest import ROOT, ROWS, cli
 
@@ -72,7 +74,8 @@ def settings(folder, output_dir, **overrides):
 
 
 def train_tiny(folder, output_dir, **overrides):
-    """A short nf4 run, as bitfit.run does it: (model, base weights, delta path)."""
+    """A short nf4 run, as bitfit.run does it: (model, names of the trained biases, what every other
+    parameter stored before training, the delta's path)."""
     model, tokenizer = load_model_and_tokenizer(folder)
     config = settings(folder, output_dir, **overrides)
     names, optimizer = prepare_for_training(model, config, CPU)
@@ -147,6 +150,27 @@ def test_a_large_weight_dequantized_in_pieces_computes_the_same(monkeypatch):
         torch.testing.assert_close(got_tensor, expected_tensor, rtol=1e-5, atol=1e-6)
 
 
+def test_under_bf16_autocast_a_4_bit_layer_computes_like_a_plain_one():
+    """As BitFit runs with --dtype bf16: bf16 weights, an fp32 bias, fp32 input (a norm's output)."""
+    from bitfit import quantize
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(256, 128).to(torch.bfloat16)
+    plain.bias = torch.nn.Parameter(plain.bias.float())
+    nf4 = quantize.import_to_nf4()(plain.weight.detach(), NF4_BLOCK, 64)
+    layer = NF4Linear(nf4, plain.bias, None)
+    with torch.no_grad():
+        plain.weight.copy_(nf4.get_original_weight())
+    x = torch.randn(4, 256)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, expected = layer(x), plain(x)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)  # mm then add vs addmm: bf16 rounding
+    got.float().sum().backward()
+    assert plain.bias.grad.dtype == torch.float32
+    torch.testing.assert_close(plain.bias.grad, torch.full((128,), 4.0))
+
+
 @pytest.mark.parametrize("folder", ["tiny_model_dir", "llama_dir"])
 def test_quantized_logits_are_close_to_the_unquantized_ones(folder, request):
     folder = request.getfixturevalue(folder)
@@ -204,14 +228,14 @@ def test_gradients_reach_every_bias_through_the_quantized_layers(tiny_model_dir,
             assert param.grad is None, name
 
 
-def test_training_moves_every_bias_and_leaves_every_weight_bit_identical(trained):
+def test_training_moves_every_bias_and_leaves_every_weight_bit_identical(trained, tiny_model_dir):
     model, names, before, _ = trained
     for name, param in model.named_parameters():
         if name in names:
             assert param.dtype == torch.float32 and param.requires_grad
         else:
             assert same(snapshot(param), before[name]), f"{name} changed"
-    base = load_base(model.name_or_path)
+    base = load_base(tiny_model_dir)
     moved = [name for name in names if not torch.equal(model.get_parameter(name), base.get_parameter(name))]
     assert moved == names
 
@@ -265,8 +289,6 @@ def test_a_resumed_4_bit_run_matches_a_straight_one(tiny_model_dir, alpaca_file,
     with pytest.raises(Interrupted):
         run(config(stopped), log=lambda message: None)
     monkeypatch.setattr(MetricsLog, "write", write)
-    from bitfit.resume import load_training_state
-
     run(config(stopped), load_training_state(str(stopped)), log=lambda message: None)
     expected, resumed = load_file(straight / "bias.safetensors"), load_file(stopped / "bias.safetensors")
     for name, tensor in expected.items():
@@ -350,8 +372,6 @@ def test_the_scripts_keep_torchaos_import_noise_off_the_screen(tiny_model_dir, t
 
 
 def test_bench_adds_a_4_bit_bitfit_row_beside_each_bitfit_row(monkeypatch, capsys):
-    import shutil
-
     monkeypatch.setattr(sys, "executable", shutil.which("false"))  # every worker fails: the rows alone
     status, out, _ = cli(bench.main, ["--arch", "tiny", "--rows", "4", "--batch-sizes", "1,2", "--dtypes", "fp32",
                                       "--device", "cpu", "--quantize", "nf4"], capsys)
