@@ -3,6 +3,7 @@
     python generate.py --bias runs/bitfit --prompt "List five steps for comparing two products." --compare
     python generate.py --bias runs/a --bias runs/b --prompts prompts.txt --compare
     python generate.py --model runs/full/model --prompt "Name three primary colors."
+    python generate.py --bias runs/bitfit --quantize nf4     # on the 4-bit base a --quantize nf4 run had
 
 One base model stays in memory; each delta is applied, answers every prompt, and is removed
 (restoring the base bit for bit) before the next one.
@@ -11,7 +12,7 @@ One base model stays in memory; each delta is applied, answers every prompt, and
 import sys
 
 from bitfit.cli import ArgumentParser, run_main
-from bitfit.config import DEFAULT_MODEL, DEVICES
+from bitfit.config import DEFAULT_MODEL, DEVICES, QUANTIZE
 from bitfit.errors import InputError
 
 DEFAULT_PROMPT = "List five steps for comparing two products."
@@ -36,6 +37,8 @@ def parse_args(argv=None):
     add("--compare", action="store_true", help="print the base model's answer, then the tuned ones")
     add("--force", action="store_true",
         help="apply a delta even though its recorded base fingerprint differs from this base's")
+    add("--quantize", choices=QUANTIZE, help="serve on the 4-bit base that train.py --quantize nf4 trains on "
+                                             "(a delta fits either base)")
     add("--device", choices=DEVICES, default="auto")
     add("--seed", type=int, default=0, help="for sampling when --temperature > 0")
     args = parser.parse_args(argv)
@@ -65,6 +68,10 @@ def main(argv=None) -> None:
     model_name = args.model or recorded_base([metadata for _, _, metadata in deltas]) or DEFAULT_MODEL
     device = resolve_device(args.device)
     model, tokenizer = load_model_and_tokenizer(model_name)
+    if args.quantize:
+        from bitfit.quantize import quantize_frozen_weights
+
+        quantize_frozen_weights(model, device)
     model.to(device)
     # Check every delta before answering anything, so a mismatch costs no generation time.
     for path, tensors, metadata in deltas:
@@ -80,7 +87,8 @@ def main(argv=None) -> None:
 
     columns = []  # (heading, one answer per prompt)
     if args.compare or not deltas:
-        columns.append((f"Base model ({model_name})", answer()))
+        base = f"{model_name}, {args.quantize}" if args.quantize else model_name
+        columns.append((f"Base model ({base})", answer()))
     for path, tensors, metadata in deltas:
         previous = apply_bias_delta(model, tensors, metadata, force=args.force)
         columns.append((f"With bias delta ({path})", answer()))
