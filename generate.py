@@ -3,6 +3,7 @@
     python generate.py --bias runs/bitfit --prompt "List five steps for comparing two products." --compare
     python generate.py --bias runs/a --bias runs/b --prompts prompts.txt --compare
     python generate.py --model runs/full/model --prompt "Name three primary colors."
+    python generate.py --bias runs/bitfit --quantize nf4     # on the 4-bit base a --quantize nf4 run had
 
 One base model stays in memory; each delta is applied, answers every prompt, and is removed
 (restoring the base bit for bit) before the next one.
@@ -12,7 +13,7 @@ import math
 import sys
 
 from bitfit.cli import ArgumentParser, run_main
-from bitfit.config import DEFAULT_MODEL, DEVICES, check_seed
+from bitfit.config import DEFAULT_MODEL, DEVICES, QUANTIZE, check_seed
 from bitfit.errors import InputError
 
 DEFAULT_PROMPT = "List five steps for comparing two products."
@@ -37,6 +38,8 @@ def parse_args(argv=None):
     add("--compare", action="store_true", help="print the base model's answer, then the tuned ones")
     add("--force", action="store_true",
         help="apply a delta even though its recorded base fingerprint differs from this base's")
+    add("--quantize", choices=QUANTIZE, help="serve on the 4-bit base that train.py --quantize nf4 trains on "
+                                             "(a delta fits either base)")
     add("--device", choices=DEVICES, default="auto")
     add("--seed", type=int, default=0, help="for sampling when --temperature > 0")
     args = parser.parse_args(argv)
@@ -71,6 +74,10 @@ def main(argv=None) -> None:
     limit = position_limit(model_name)  # from the model's config, before its weights load
     device = resolve_device(args.device)
     model, tokenizer = load_model_and_tokenizer(model_name)
+    if args.quantize:
+        from bitfit.quantize import quantize_frozen_weights
+
+        quantize_frozen_weights(model, device)
     model.to(device)
     # Check every delta, and that every prompt leaves room for an answer, before answering anything.
     for path, tensors, metadata in deltas:
@@ -86,7 +93,8 @@ def main(argv=None) -> None:
         max_new_tokens = room
 
     # One column per model: the base (with --compare, or when there is no delta), then each delta.
-    columns = [(f"Base model ({model_name})", None)] if args.compare or not deltas else []
+    base = f"{model_name}, {args.quantize}" if args.quantize else model_name
+    columns = [(f"Base model ({base})", None)] if args.compare or not deltas else []
     columns += [(f"With bias delta ({path})", (tensors, metadata)) for path, tensors, metadata in deltas]
     bar = tqdm(total=len(prompts) * len(columns), unit="answer", disable=len(prompts) == 1, file=sys.stderr)
     for start in range(0, len(prompts), args.batch_size):

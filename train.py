@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from bitfit.cli import ArgumentParser, run_main
-from bitfit.config import DEFAULT_LR, DEVICES, DTYPES, MODES, TrainConfig, read_config_file
+from bitfit.config import DEFAULT_LR, DEVICES, DTYPES, MODES, QUANTIZE, TrainConfig, read_config_file
 from bitfit.errors import InputError
 
 D = TrainConfig()  # the defaults, shown in --help
@@ -68,6 +68,8 @@ def build_parser() -> ArgumentParser:
     add("--add-biases", action="store_true", help="BitFit on a model without biases (LLaMA, Mistral): "
                                                   "give the Linear layers --bias-terms chooses zero biases "
                                                   "to train")
+    add("--quantize", choices=QUANTIZE, help="BitFit with the frozen weights of the transformer blocks held in "
+                                             "4 bits (NF4, as in QLoRA); embeddings, norms and head keep --dtype")
     return parser
 
 

@@ -19,6 +19,7 @@ One module per idea:
     export      merging a delta into an ordinary model folder
     compare     finished runs side by side: the table, the loss picture
     bench       the benchmark: real shapes, random weights, synthetic rows
+    quantize    --quantize nf4: the frozen weights of the blocks held in 4 bits
     walkthrough one BitFit step, top to bottom, for a first read
 
 The names below are the public API, for a notebook or a loop of your own (the README shows

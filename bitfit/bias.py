@@ -232,8 +232,8 @@ def mask_gradients(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> No
     """
     params = dict(model.named_parameters())
     for name, mask in masks.items():
-        keep = mask.to(params[name].device)
-        params[name].register_hook(lambda grad, keep=keep: grad.masked_fill(~keep, 0))
+        # The mask follows the gradient to its device: the model moves there after it is frozen.
+        params[name].register_hook(lambda grad, keep=mask: grad.masked_fill(~keep.to(grad.device), 0))
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

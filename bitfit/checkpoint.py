@@ -101,14 +101,15 @@ def save_json(path: Path, data) -> None:
 
 
 def save_bias_delta(path: Path, model: torch.nn.Module, names: list[str], base_model: str,
-                    added_biases: list[str] | None = None) -> None:
+                    added_biases: list[str] | None = None, quantized_base: str | None = None) -> None:
     """Save the named trained tensors, under their state-dict names, with what they must be paired with.
 
     The metadata (safetensors allows only str -> str) records the base's id or path, the model
     class, each tensor's shape and dtype, and a fingerprint of the frozen weights, so that
     applying the delta to the wrong base is refused rather than silently producing nonsense.
     added_biases lists the tensors the base does not have (--add-biases); by default, those
-    of names that bitfit.bias.add_zero_bias marked.
+    of names that bitfit.bias.add_zero_bias marked. quantized_base ("nf4") says the base was held
+    in 4 bits while the delta trained; the fingerprint is the unquantized base's all the same.
     """
     params = dict(model.named_parameters())
     if added_biases is None:
@@ -120,6 +121,8 @@ def save_bias_delta(path: Path, model: torch.nn.Module, names: list[str], base_m
     metadata = {"format": DELTA_FORMAT, "base_model": base_model,
                 "model_class": type(model).__name__, "tensors": json.dumps(listing),
                 "base_fingerprint": base_fingerprint(model, names), "added_biases": json.dumps(added_biases)}
+    if quantized_base:
+        metadata["quantized_base"] = quantized_base
     # Serialised in memory (a few MB of biases) and written by Python, so that a full disk raises
     # OSError, and the file gets the user's umask like every other file of the run.
     atomic_write(path, lambda tmp: tmp.write_bytes(safetensors_bytes(tensors, metadata=metadata)))
@@ -138,14 +141,27 @@ def base_fingerprint(model: torch.nn.Module, delta_names) -> str:
     delta_names = set(delta_names)
     frozen = sorted(((name, param) for name, param in model.named_parameters()
                      if name not in delta_names and not is_added_bias(param)), key=lambda item: item[0])
-    samples = []
-    for _, param in frozen:
-        flat = param.detach().reshape(-1)
-        samples += [flat[:FINGERPRINT_HEAD].to(torch.bfloat16), flat[-1:].to(torch.bfloat16)]
+    modules = dict(model.named_modules())
+    shapes, samples = [], []
+    for name, param in frozen:
+        owner, _, leaf = name.rpartition(".")
+        # A weight held in 4 bits (bitfit.quantize) no longer has the base's values; its layer kept
+        # the sample of the weight it replaced, so the 4-bit base and the plain one match.
+        recorded = getattr(modules[owner], "unquantized_sample", None) if leaf == "weight" else None
+        shape, values = recorded or fingerprint_sample(param)
+        shapes.append([name, shape])
+        samples.append(values.to(param.device))
     values = torch.cat(samples).cpu() if samples else torch.empty(0, dtype=torch.bfloat16)
-    digest = hashlib.sha256(json.dumps([[name, list(param.shape)] for name, param in frozen]).encode())
+    digest = hashlib.sha256(json.dumps(shapes).encode())
     digest.update(values.view(torch.int16).numpy().tobytes())  # numpy has no bfloat16: hash the bits
     return digest.hexdigest()[:16]
+
+
+def fingerprint_sample(tensor: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """What the fingerprint reads from one frozen tensor: its shape, and its first few values and its
+    last, rounded to bfloat16."""
+    flat = tensor.detach().reshape(-1)
+    return list(tensor.shape), torch.cat([flat[:FINGERPRINT_HEAD], flat[-1:]]).to(torch.bfloat16)
 
 
 def find_bias_file(path: str) -> Path:

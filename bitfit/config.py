@@ -23,6 +23,7 @@ DEFAULT_DATA = str(ASSETS / "alpaca_sample.json")
 MODES = ("bitfit", "full")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("fp32", "bf16", "fp16")
+QUANTIZE = ("nf4",)
 
 # BitFit trains ~0.04% of the numbers, each bias nudging a whole feature, so it needs far
 # larger steps than full fine-tuning: the BitFit paper used 1e-4..1e-3. Full fine-tuning
@@ -64,6 +65,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the transformer body
     bias_terms: str = "all"  # BitFit: comma list of bias groups or regular expressions (bitfit.bias)
     add_biases: bool = False  # BitFit: give the chosen bias-less Linear layers zero biases to train
+    quantize: str | None = None  # BitFit: "nf4" holds the frozen block weights in 4 bits (bitfit.quantize)
 
     def __post_init__(self):
         _check_choice("--mode", self.mode, MODES)
@@ -106,6 +108,11 @@ class TrainConfig:
         if self.mode == "full" and self.add_biases:
             raise InputError("--add-biases gives a bias-free model biases for --mode bitfit to train; "
                              "--mode full trains every weight as it is")
+        if self.quantize is not None:
+            _check_choice("--quantize", self.quantize, QUANTIZE)
+            if self.mode == "full":
+                raise InputError(f"--quantize {self.quantize} holds the frozen weights in 4 bits for --mode "
+                                 f"bitfit; --mode full trains every weight, and quantized weights cannot be trained")
         if self.output_dir is None:
             self.output_dir = str(Path("runs") / self.mode)
 

@@ -1,12 +1,13 @@
-"""A training run from settings to files: load, freeze, set precisions, build the optimizer, loop, save.
+"""A training run from settings to files: load, freeze, place, set precisions, build the optimizer, loop, save.
 
 Everything that can be wrong with the user's input (flags, output folder, data, the model's
 position limit) is checked before the model loads, and the run writes into a staging folder
 that replaces the run folder only once it has succeeded (bitfit.rundir), so a failed run never
 changes an earlier run's files.
 
-The model's setup is three steps that run() calls in order, each a function below: freeze
-(what trains), set_precision_and_kernels (how it computes), build_optimizer (what updates it).
+The model's setup is four steps that run() calls in order, each a function below: freeze
+(what trains), place_on_device (where it lives; 4-bit weights with --quantize), set_precision_and_kernels
+(how it computes), build_optimizer (what updates it).
 """
 
 import dataclasses
@@ -24,9 +25,10 @@ from bitfit.distributed import SINGLE, gather_objects
 from bitfit.errors import InputError, Interrupted
 from bitfit.loop import count_optimizer_steps, new_progress, train_loop
 from bitfit.metrics import (MetricsLog, format_summary, peak_memory_bytes, peak_rss_bytes, perplexity,
-                            reset_peak_memory, work_done)
+                            reset_peak_memory, weight_bytes, work_done)
 from bitfit.model import (fuse_tanh_gelu, keep_norms_in_fp32, load_model_and_tokenizer, pad_token_id,
                           position_limit, prefer_eager_attention_on_cpu, resolve_device, weights_dtype)
+from bitfit.quantize import describe_quantized, quantize_frozen_weights
 from bitfit.resume import refuse_changed_inputs, restore_training_state
 from bitfit.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, RunFolder
 
@@ -75,8 +77,10 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=
 
         # Dropout (each rank its own masks); the data order has its own seeded generator.
         torch.manual_seed(config.seed + world.rank)
-        model.to(device)
         trained_names, masks = freeze(model, config)
+        place_on_device(model, config, device)
+        if config.quantize:
+            log(describe_quantized(model))
         set_precision_and_kernels(model, config, device)
         optimizer = build_optimizer(model, config, device, no_decay=masks)
         if config.mode == "bitfit":
@@ -115,10 +119,12 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=
         peak_memory_per_rank = gather_objects(peak_memory_bytes(device))
         summary = build_summary(config, progress, trainable=trainable, total=total, device=device,
                                 dropped_rows=dropped + eval_dropped, eval_rows=len(eval_examples),
-                                world_size=world.world_size, peak_memory_per_rank=peak_memory_per_rank)
+                                world_size=world.world_size, peak_memory_per_rank=peak_memory_per_rank,
+                                weight_bytes=weight_bytes(model))
         if world.is_main:  # every rank holds the same trained tensors
             if config.mode == "bitfit":
-                save_bias_delta(staging / BIAS_FILE, model, trained_names, base_model=config.model)
+                save_bias_delta(staging / BIAS_FILE, model, trained_names, base_model=config.model,
+                                quantized_base=config.quantize)
             else:
                 save_model_folder(staging / "model", model, tokenizer)
             save_json(staging / SUMMARY_FILE, summary)
@@ -142,7 +148,7 @@ def fit_max_len_to_model(config: TrainConfig, log=print) -> TrainConfig:
 
 
 def build_summary(config, progress, *, trainable, total, device, dropped_rows, eval_rows, world_size=1,
-                  peak_memory_per_rank=None) -> dict:
+                  peak_memory_per_rank=None, weight_bytes=None) -> dict:
     """The run's summary; progress's counts are already global (summed over the ranks)."""
     if peak_memory_per_rank is None:
         peak_memory_per_rank = [peak_memory_bytes(device)]
@@ -162,6 +168,9 @@ def build_summary(config, progress, *, trainable, total, device, dropped_rows, e
         "peak_rss_bytes": peak_rss_bytes(),
         "device": device_name(device),
         "dtype": config.dtype,
+        "quantize": config.quantize,
+        # What the weights, and the buffers, occupy: the number that --quantize and --dtype change.
+        "weight_bytes": weight_bytes,
         "dropped_rows": dropped_rows,
         "eval_rows": eval_rows,
         "eval_loss_before": progress["eval_loss_before"],
@@ -177,8 +186,6 @@ def build_summary(config, progress, *, trainable, total, device, dropped_rows, e
 def freeze(model, config: TrainConfig) -> tuple[list[str], dict[str, torch.Tensor]]:
     """Step 1, what trains: in BitFit the chosen biases, everything in full mode. Returns the
     names of the trained tensors and the masks of those of which only a slice trains.
-
-    Call it once the model is on its device: the masks are put where the gradients will be.
     """
     if config.add_biases:
         # Zero biases change no output, so training starts from the base model exactly; they are
@@ -192,8 +199,18 @@ def freeze(model, config: TrainConfig) -> tuple[list[str], dict[str, torch.Tenso
     return trained_names, masks
 
 
+def place_on_device(model, config: TrainConfig, device: torch.device) -> None:
+    """Step 2, where it lives: the model moves to its device. With --quantize nf4 the frozen
+    weights go first, one layer at a time, each turned into 4 bits there: BitFit never updates a
+    weight, so it can be held in 4 bits, and the device never holds the whole unquantized model
+    (a 7B model in bf16 would not fit where its 4-bit copy does)."""
+    if config.quantize:
+        quantize_frozen_weights(model, device)
+    model.to(device)
+
+
 def set_precision_and_kernels(model, config: TrainConfig, device: torch.device) -> None:
-    """Step 2, how it computes: fp32 where precision matters, faster kernels where they give the
+    """Step 3, how it computes: fp32 where precision matters, faster kernels where they give the
     same numbers, and the memory options. Each is explained where it is defined."""
     fuse_tanh_gelu(model)
     if weights_dtype(config) != torch.float32:
@@ -216,7 +233,7 @@ def set_precision_and_kernels(model, config: TrainConfig, device: torch.device) 
 
 
 def build_optimizer(model, config: TrainConfig, device=torch.device("cpu"), no_decay=()) -> torch.optim.Optimizer:
-    """Step 3, what updates it: AdamW over the trainable tensors only."""
+    """Step 4, what updates it: AdamW over the trainable tensors only."""
     # The optimizer only ever sees the trainable tensors: in BitFit, AdamW's two moment
     # buffers are then as small as the biases themselves, one of BitFit's memory savings.
     # The fused CUDA kernel updates all tensors in one launch instead of several per tensor.

@@ -73,10 +73,10 @@ def alpaca_file(tmp_path):
 def prepare_for_training(model, config, device):
     """The setup steps of bitfit.run.run, in its order, for tests that train a model they loaded:
     returns (names of the trained tensors, optimizer)."""
-    from bitfit.run import build_optimizer, freeze, set_precision_and_kernels
+    from bitfit.run import build_optimizer, freeze, place_on_device, set_precision_and_kernels
 
-    model.to(device)
     trained_names, masks = freeze(model, config)
+    place_on_device(model, config, device)
     set_precision_and_kernels(model, config, device)
     return trained_names, build_optimizer(model, config, device, no_decay=masks)
 
