@@ -142,9 +142,10 @@ class RunFolder:
                     entry.unlink()
         else:
             self.staging.mkdir()  # with the user's umask, like every file in it
-            for name in RESUMABLE[:2] if resuming else ():
-                if (self.path / name).is_file():
-                    shutil.copyfile(self.path / name, self.staging / name)
+            if resuming:  # the settings and metrics of the run in R; its checkpoint was read already
+                for name in (CONFIG_FILE, METRICS_FILE):
+                    if (self.path / name).is_file():
+                        shutil.copyfile(self.path / name, self.staging / name)
         self.staged = True
         return self.staging
 
@@ -154,7 +155,12 @@ class RunFolder:
             return
         if self.path.exists():
             os.replace(self.path, self.retired)
-        os.replace(self.staging, self.path)
+        try:
+            os.replace(self.staging, self.path)
+        except OSError:
+            if self.retired.exists():
+                os.replace(self.retired, self.path)  # the earlier run back in place
+            raise
         self.committed = True
         remove_tree(self.retired, self.log)
 

@@ -82,6 +82,15 @@ def inject(case, monkeypatch):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
 
         monkeypatch.setattr("pathlib.Path.write_bytes", denied)
+    elif case == "the swap fails halfway":  # the earlier run moved aside, the new one not moved in
+        replace = os.replace
+
+        def refuses_the_staging_folder(source, target):
+            if str(source).endswith(".run.staging"):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(target))
+            replace(source, target)
+
+        monkeypatch.setattr(os, "replace", refuses_the_staging_folder)
     elif case == "trained biases not finite":
         train_loop = bitfit.run.train_loop
 
@@ -100,6 +109,7 @@ def inject(case, monkeypatch):
     ("disk full writing the delta", "No space left on device"),
     ("disk full writing the full model", "No space left on device"),
     ("permission denied writing the delta", "Permission denied"),
+    ("the swap fails halfway", "Permission denied"),
     ("trained biases not finite", "holds NaN or inf values; nothing was written"),
 ])
 def test_a_failed_run_leaves_the_earlier_run_byte_identical(case, expected, earlier_run, tiny_model_dir,
