@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from bitfit.cli import ArgumentParser, run_main
-from bitfit.config import DEFAULT_LR, DEVICES, DTYPES, MODES, TrainConfig, read_config_file
+from bitfit.config import DEFAULT_LR, DEVICES, DTYPES, MODES, QUANTIZE, TrainConfig, read_config_file
 from bitfit.errors import InputError
 
 D = TrainConfig()  # the defaults, shown in --help
@@ -53,6 +53,8 @@ def build_parser() -> ArgumentParser:
     add("--save-every", type=int, help="optimizer steps between resumable checkpoints")
     add("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     add("--output-dir", help="run folder (default: runs/<mode>)")
+    add("--overwrite", action="store_true", help="replace the run already in --output-dir (without it, "
+                                                 "a folder holding a run is refused)")
     add("--device", choices=DEVICES, help=f"(default: {D.device})")
     add("--dtype", choices=DTYPES, help=f"bf16/fp16: half-precision compute under autocast; BitFit "
                                         f"also stores its frozen weights in it (default: {D.dtype})")
@@ -66,22 +68,27 @@ def build_parser() -> ArgumentParser:
     add("--add-biases", action="store_true", help="BitFit on a model without biases (LLaMA, Mistral): "
                                                   "give the Linear layers --bias-terms chooses zero biases "
                                                   "to train")
+    add("--quantize", choices=QUANTIZE, help="BitFit with the frozen weights of the transformer blocks held in "
+                                             "4 bits (NF4, as in QLoRA); embeddings, norms and head keep --dtype")
     add("--fsdp", action="store_true", help="under torchrun: shard every parameter over the ranks (FSDP2), "
                                             "for a model too large for one GPU")
     return parser
 
 
-def parse_args(argv=None) -> tuple[TrainConfig, dict | None]:
-    """Return the run's settings and, with --resume, the checkpoint to continue from."""
+def parse_args(argv=None) -> tuple[TrainConfig, dict | None, bool]:
+    """Return the run's settings, with --resume the checkpoint to continue from, and --overwrite."""
     given = vars(build_parser().parse_args(argv))
     run_dir = given.pop("resume", None)
+    overwrite = given.pop("overwrite", False)
     config_file = given.pop("config", None)
     if run_dir is not None and config_file is not None:
         raise InputError("--config starts a new run from a file's settings; --resume continues a run with "
                          "the settings it started with: use one or the other")
     if run_dir is None:
         from_file = read_config_file(config_file) if config_file is not None else {}
-        return TrainConfig(**{**from_file, **given}), None
+        return TrainConfig(**{**from_file, **given}), None, overwrite
+    if overwrite:
+        raise InputError("--overwrite starts the run afresh and --resume continues it: give one of them")
 
     from bitfit.resume import load_training_state
 
@@ -93,11 +100,11 @@ def parse_args(argv=None) -> tuple[TrainConfig, dict | None]:
             flag = "--" + key.replace("_", "-")
             raise InputError(f"{flag} {value} differs from the resumed run's {before}; a resumed "
                              f"run keeps its settings (only --max-steps and --epochs may change)")
-    return TrainConfig(**{**saved, **given}), state
+    return TrainConfig(**{**saved, **given}), state, False
 
 
 def main(argv=None) -> None:
-    config, resume_state = parse_args(argv)
+    config, resume_state, overwrite = parse_args(argv)
     from bitfit import distributed  # imported late so that --help and flag errors answer at once
     from bitfit.compare import compare_command
     from bitfit.model import resolve_device
@@ -106,7 +113,7 @@ def main(argv=None) -> None:
     # Under torchrun, join the other ranks (a no-op in a single process).
     world = distributed.setup(resolve_device(config.device))
     try:
-        run(config, resume_state, world=world)
+        run(config, resume_state, world=world, overwrite=overwrite)
     finally:
         distributed.cleanup()
     command = compare_command(config.output_dir, config.mode)

@@ -12,12 +12,14 @@ One module per idea:
     checkpoint  bias deltas and model folders on disk, written atomically
     metrics     memory, throughput, the summary
     resume      the resumable training state (checkpoint.pt), Ctrl-C
+    rundir      the run folder as a transaction: staging beside it, a lock, the swap, cleanup
     distributed several processes under torchrun: sharding and all-reduces
     run         a training run from settings to files: setup, loop, save
     inference   answering prompts with a model and its deltas
     export      merging a delta into an ordinary model folder
     compare     finished runs side by side: the table, the loss picture
     bench       the benchmark: real shapes, random weights, synthetic rows
+    quantize    --quantize nf4: the frozen weights of the blocks held in 4 bits
     walkthrough one BitFit step, top to bottom, for a first read
 
 The names below are the public API, for a notebook or a loop of your own (the README shows

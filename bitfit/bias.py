@@ -236,12 +236,13 @@ def mask_gradients(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> No
     """
     params = dict(model.named_parameters())
     for name, mask in masks.items():
-        params[name].register_post_accumulate_grad_hook(zero_gradient_outside(mask.to(params[name].device)))
+        params[name].register_post_accumulate_grad_hook(zero_gradient_outside(mask))
 
 
 def zero_gradient_outside(keep: torch.Tensor):
     def hook(param):
-        param.grad.masked_fill_(~keep, 0)
+        # The mask follows the gradient to its device: the model moves there after it is frozen.
+        param.grad.masked_fill_(~keep.to(param.grad.device), 0)
     return hook
 
 

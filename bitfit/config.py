@@ -23,11 +23,17 @@ DEFAULT_DATA = str(ASSETS / "alpaca_sample.json")
 MODES = ("bitfit", "full")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("fp32", "bf16", "fp16")
+QUANTIZE = ("nf4",)
 
 # BitFit trains ~0.04% of the numbers, each bias nudging a whole feature, so it needs far
 # larger steps than full fine-tuning: the BitFit paper used 1e-4..1e-3. Full fine-tuning
 # uses 5e-5, the Hugging Face Trainer default that the seed notebook ran with.
 DEFAULT_LR = {"bitfit": 1e-3, "full": 5e-5}
+# Far above any useful rate, and below where AdamW's fp32 step (lr / (1 - 0.9^t), up to 10 x lr
+# in the first steps) overflows; larger values end in a RuntimeError inside the optimizer.
+MAX_LR = 1e30
+# Seeds are 64-bit in torch; a run adds the epoch and the rank to its seed, so leave room above.
+SEED_LIMIT = 2**63
 
 
 @dataclasses.dataclass
@@ -59,6 +65,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the transformer body
     bias_terms: str = "all"  # BitFit: comma list of bias groups or regular expressions (bitfit.bias)
     add_biases: bool = False  # BitFit: give the chosen bias-less Linear layers zero biases to train
+    quantize: str | None = None  # BitFit: "nf4" holds the frozen block weights in 4 bits (bitfit.quantize)
     fsdp: bool = False  # under torchrun: shard every parameter over the ranks (bitfit.fsdp)
 
     def __post_init__(self):
@@ -81,10 +88,17 @@ class TrainConfig:
         if self.lr is None:
             self.lr = DEFAULT_LR[self.mode]
         _check_positive("--lr", self.lr)
+        if self.lr > MAX_LR:
+            raise InputError(f"--lr must be at most {MAX_LR:g}, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise InputError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.weight_decay < 0:
-            raise InputError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise InputError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.lr * self.weight_decay >= 1:
+            # AdamW multiplies each trained tensor by (1 - lr x weight_decay) every step.
+            raise InputError(f"--weight-decay {self.weight_decay} x --lr {self.lr} must be below 1: AdamW "
+                             f"scales the trained tensors by 1 - lr x weight decay at every step")
+        check_seed(self.seed)
         _check_positive("--max-grad-norm", self.max_grad_norm)
         if not all(term.strip() for term in self.bias_terms.split(",")):
             raise InputError(f"--bias-terms must be a comma list of bias groups or regular expressions "
@@ -95,16 +109,28 @@ class TrainConfig:
         if self.mode == "full" and self.add_biases:
             raise InputError("--add-biases gives a bias-free model biases for --mode bitfit to train; "
                              "--mode full trains every weight as it is")
+        if self.quantize is not None:
+            _check_choice("--quantize", self.quantize, QUANTIZE)
+            if self.mode == "full":
+                raise InputError(f"--quantize {self.quantize} holds the frozen weights in 4 bits for --mode "
+                                 f"bitfit; --mode full trains every weight, and quantized weights cannot be trained")
         if self.fsdp and self.dtype == "fp16":
             raise InputError("--fsdp with --dtype fp16 is not supported (fp16's loss scaling would have to agree "
                              "across the shards); use --dtype bf16")
         if self.fsdp and self.compile:
             raise InputError("--fsdp with --compile is not supported; leave one out")
+        if self.fsdp and self.quantize is not None:
+            raise InputError(f"--fsdp with --quantize {self.quantize} is not supported yet; leave one out")
         if self.output_dir is None:
             self.output_dir = str(Path("runs") / self.mode)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_seed(seed, flag="--seed"):
+    if not (isinstance(seed, int) and 0 <= seed < SEED_LIMIT):
+        raise InputError(f"{flag} must be a whole number from 0 to 2**63 - 1, got {seed}")
 
 
 def _check_choice(flag, value, choices):

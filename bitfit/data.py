@@ -6,6 +6,9 @@ Labels are aligned with input_ids (labels[i] is input_ids[i] or -100); the loss 
 scoring the logits at position i against labels[i + 1] (bitfit.loss).
 """
 
+import collections.abc
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -16,6 +19,7 @@ IGNORE_INDEX = -100  # cross_entropy skips targets with this value
 REQUIRED_COLUMNS = ("instruction", "output")
 GROUP_BUCKET = 64  # micro-batches sorted together by --group-by-length
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+TOKENIZE_CHUNK = 1024  # rows per tokenizer call when measuring prompts: bounds its temporary memory
 
 
 def format_prompt(instruction: str, input: str = "") -> str:
@@ -27,21 +31,31 @@ def format_prompt(instruction: str, input: str = "") -> str:
 
 
 def load_rows(source: str, split: str = "train", limit: int | None = None) -> list[dict]:
-    """Read alpaca rows from a local .json/.jsonl/.csv/.parquet file or a hub dataset id."""
-    dataset = _load_dataset(source, split)
-    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
+    """Read alpaca rows from a local .json/.jsonl/.csv/.parquet file or a hub dataset id.
+
+    Only the first `limit` rows are read (a .json list is parsed whole; the other formats stop).
+    """
+    rows = _read_rows(source, split, limit)
+    if not rows:
+        raise InputError(f"{source}: the data has no rows")
+    columns = list(rows[0])
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
         raise InputError(f"{source}: missing column(s) {', '.join(missing)}; found "
-                         f"{', '.join(dataset.column_names) or 'none'} (expected instruction, "
+                         f"{', '.join(columns) or 'none'} (expected instruction, "
                          f"input (optional), output)")
-    if len(dataset) == 0:
-        raise InputError(f"{source}: the data has no rows")
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
-    has_input = "input" in dataset.column_names
+    has_input = "input" in columns
     return [{"instruction": _text(row["instruction"]),
              "input": _text(row["input"]) if has_input else "",
-             "output": _text(row["output"])} for row in dataset]
+             "output": _text(row["output"])} for row in rows]
+
+
+def rows_fingerprint(rows: list[dict]) -> str:
+    """16 hex digits of a sha256 over the rows: a resumed run checks it trains on the same data."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(row, sort_keys=True).encode() + b"\n")
+    return digest.hexdigest()[:16]
 
 
 def split_rows(rows: list[dict], eval_size: float | None, seed: int) -> tuple[list[dict], list[dict]]:
@@ -62,23 +76,27 @@ def _text(value) -> str:
     return "" if value is None else str(value)
 
 
-def _load_dataset(source: str, split: str):
+def _read_rows(source: str, split: str, limit: int | None) -> list[dict]:
     import datasets  # deferred: importing datasets costs a second and is only needed here
 
     datasets.disable_progress_bars()
     path = Path(source)
-    if path.suffix.lower() in LOCAL_FORMATS or path.exists():
-        file_format = _check_local_file(path)
-        try:
-            with library_logs_silenced():
-                return datasets.load_dataset(file_format, data_files=str(path), split="train")
-        except Exception as error:  # datasets wraps parser errors in its own types
-            raise InputError(f"{source}: not a valid {file_format.upper()} file of rows "
-                             f"({_root_cause(error)})") from None
+    local = path.suffix.lower() in LOCAL_FORMATS or path.exists()
+    file_format = _check_local_file(path) if local else None
     try:
         with library_logs_silenced():
-            return datasets.load_dataset(source, split=split)
-    except Exception as error:
+            if local:
+                # Streamed: read afresh from the file, through no cache. The datasets cache knows a
+                # local file by its path and modification time, so it would serve the old rows of a
+                # file rewritten within the same second (or with its time kept).
+                dataset = datasets.load_dataset(file_format, data_files=str(path), split="train", streaming=True)
+            else:
+                dataset = datasets.load_dataset(source, split=split)
+            return list(dataset if limit is None else dataset.take(limit))
+    except Exception as error:  # datasets wraps parser and hub errors in its own types
+        if local:
+            raise InputError(f"{source}: not a valid {file_format.upper()} file of rows "
+                             f"({_root_cause(error)})") from None
         raise InputError(f"could not load dataset {source!r} split {split!r}: it is not a local "
                          f"file and the hub did not provide it ({_root_cause(error)})") from None
 
@@ -104,7 +122,7 @@ def _root_cause(error: BaseException) -> str:
 # ------------------------------------------------------------------ tokenizing and masking
 
 
-def tokenize_rows(rows: list[dict], tokenizer, max_len: int) -> tuple[list[dict], int]:
+def tokenize_rows(rows: list[dict], tokenizer, max_len: int) -> tuple["TokenizedRows", int]:
     """Turn rows into examples; return them and how many rows were dropped.
 
     A row is dropped when truncation at max_len leaves none of its response: it would have
@@ -113,20 +131,47 @@ def tokenize_rows(rows: list[dict], tokenizer, max_len: int) -> tuple[list[dict]
     """
     if tokenizer.eos_token_id is None:
         raise InputError("the tokenizer has no eos token; one is needed to end each response")
-    if not rows:
-        return [], 0
-    prompts = [format_prompt(row["instruction"], row["input"]) for row in rows]
-    responses = [row["output"] for row in rows]
+    examples = TokenizedRows(rows, tokenizer, max_len)
+    return examples, len(rows) - len(examples)
+
+
+class TokenizedRows(collections.abc.Sequence):
+    """The examples of rows, each tokenized when it is read: until then, the rows stay text.
+
+    Tokenizing every row up front holds every token of the data in memory before the first
+    step, as Python ints (a 145k-row set: gigabytes), even of rows that --max-steps never reaches.
+    Which rows survive max_len follows from their prompts' lengths alone (a row is dropped when
+    its prompt fills max_len), so only those are counted up front, a chunk of rows at a time; the
+    order of the examples and their count are then known, and a step tokenizes the few it takes.
+    """
+
+    def __init__(self, rows: list[dict], tokenizer, max_len: int):
+        self.tokenizer, self.max_len = tokenizer, max_len
+        self.rows = [row for row, length in zip(rows, prompt_lengths(rows, tokenizer)) if length < max_len]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return tokenize_example(self.rows[index], self.tokenizer, self.max_len)
+
+
+def prompt_lengths(rows: list[dict], tokenizer):
+    """Yield each row's prompt length in tokens, tokenizing TOKENIZE_CHUNK prompts at a time."""
+    for start in range(0, len(rows), TOKENIZE_CHUNK):
+        prompts = [format_prompt(row["instruction"], row["input"]) for row in rows[start:start + TOKENIZE_CHUNK]]
+        yield from (len(ids) for ids in tokenizer(prompts)["input_ids"])
+
+
+def tokenize_example(row: dict, tokenizer, max_len: int) -> dict | None:
+    """One row's example: its prompt and response tokens, labels masked over the prompt."""
     # The prompt gets the tokenizer's own special tokens (a BOS where the model expects one),
     # exactly as at generation time; the response gets none, only the eos we append.
-    prompt_ids = tokenizer(prompts)["input_ids"]
-    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
-    examples = []
-    for prompt, response in zip(prompt_ids, response_ids):
-        example = build_example(prompt, response + [tokenizer.eos_token_id], max_len)
-        if example is not None:
-            examples.append(example)
-    return examples, len(rows) - len(examples)
+    prompt = tokenizer(format_prompt(row["instruction"], row["input"]))["input_ids"]
+    response = tokenizer(row["output"], add_special_tokens=False)["input_ids"]
+    return build_example(prompt, response + [tokenizer.eos_token_id], max_len)
 
 
 def build_example(prompt_ids: list[int], response_ids: list[int], max_len: int) -> dict | None:

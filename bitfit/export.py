@@ -27,7 +27,8 @@ def parse_args(argv=None):
     add = parser.add_argument
     add("--model", help="base model: hub id or folder (default: the base recorded in the delta)")
     add("--bias", required=True, help="a run folder holding bias.safetensors, or the file itself")
-    add("--out", required=True, help="the model folder to write")
+    add("--out", required=True, help="the model folder to write (new or empty)")
+    add("--overwrite", action="store_true", help="replace --out even though it holds files")
     add("--force", action="store_true",
         help="merge even though the delta's recorded base fingerprint differs from this base's")
     return parser.parse_args(argv)
@@ -44,7 +45,7 @@ def main(argv=None) -> None:
     if model_name is None:
         raise InputError(f"{args.bias}: the delta does not record its base model; name it with --model")
     out = Path(args.out)
-    _check_out_folder(out, model_name)
+    _check_out_folder(out, model_name, args.overwrite)
     model, tokenizer = load_model_and_tokenizer(model_name)
     try:
         apply_bias_delta(model, tensors, metadata, force=args.force)
@@ -110,14 +111,17 @@ def hold_added_biases(model, added: list[str]) -> list[str]:
     return switched
 
 
-def _check_out_folder(out: Path, model_name: str) -> None:
-    """Replace an earlier export, but never the base itself or a folder that is not a model."""
+def _check_out_folder(out: Path, model_name: str, overwrite: bool) -> None:
+    """Before the model loads: a folder that can be written, never the base itself, and one that
+    holds nothing unless --overwrite (which still writes a new folder and swaps it in whole)."""
+    from bitfit.rundir import check_output_path
+
+    check_output_path(out, "--out")
     if out.exists() and out.resolve() == Path(model_name).expanduser().resolve():
         raise InputError(f"--out {out} is the base model's own folder; choose another")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file; it must be a folder to write")
-    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise InputError(f"--out {out} holds files but no model; choose a new or empty folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"--out {out} holds files; choose a new or empty folder, or pass --overwrite to "
+                         f"replace it")
 
 
 if __name__ == "__main__":

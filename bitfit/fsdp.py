@@ -141,13 +141,6 @@ def is_sharded(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def parameter_bytes(model) -> int:
-    """The bytes of the parameters this rank holds: under --fsdp its shards, otherwise everything."""
-    sharded = is_sharded(model)
-    return sum((param.to_local() if sharded else param).numel() * param.element_size()
-               for param in model.parameters())
-
-
 def save_gathered(model, config, output_dir, trained_names: list[str], delta_metadata: dict[str, str],
                   tokenizer, world) -> None:
     """Under --fsdp, write what a run in one process writes: every rank takes part in gathering

@@ -32,6 +32,20 @@ def generate_answers(model, tokenizer, instructions: list[tuple[str, str]], *, m
     return [answer.strip() for answer in answers]
 
 
+def room_for_answers(tokenizer, instructions: list[tuple[str, str]], limit: int, model_name: str) -> int:
+    """How many new tokens fit after the longest prompt in the model's limit of positions.
+
+    A prompt that leaves no room for an answer is refused: past its position table, a model
+    such as GPT-2 fails with an IndexError deep inside generation.
+    """
+    lengths = [len(ids) for ids in tokenizer([format_prompt(*pair) for pair in instructions])["input_ids"]]
+    longest = max(lengths)
+    if longest >= limit:
+        raise InputError(f"prompt {lengths.index(longest) + 1} is {longest} tokens in the template, and "
+                         f"{model_name} reads at most {limit}: no room is left for an answer; shorten it")
+    return limit - longest
+
+
 def read_prompts(path: str) -> list[tuple[str, str]]:
     """(instruction, input) pairs from a text file (one instruction a line) or alpaca .json/.jsonl."""
     file = Path(path)

@@ -73,11 +73,13 @@ def new_progress() -> dict:
 
 
 def train_loop(model, optimizer, examples, config, *, pad_id, device, metrics_log=None,
-               eval_examples=(), progress=None, world=SINGLE) -> dict:
+               eval_examples=(), progress=None, world=SINGLE, checkpoint_dir=None) -> dict:
     """Train from progress (a fresh run when None) to config's epochs or max_steps: the learning
     rate schedule, train_step, counters, logging, evaluation and checkpoints, in that order.
 
     Under torchrun, world says which rank this is; the counts in progress are then global.
+    Checkpoints go to checkpoint_dir (the run's staging folder, see bitfit.rundir), by default
+    config.output_dir.
     Returns the final progress: steps, samples, tokens, loss and eval sums, training seconds.
     """
     total_steps = count_optimizer_steps(len(examples), config, world.world_size)
@@ -92,8 +94,9 @@ def train_loop(model, optimizer, examples, config, *, pad_id, device, metrics_lo
     if progress.get("grad_scaler"):
         scaler.load_state_dict(progress["grad_scaler"])
     model.train()
-    windows = iter_windows(len(examples), config, progress["epoch"], progress["position"],
-                           [len(example["input_ids"]) for example in examples], world.world_size)
+    lengths = [len(example["input_ids"]) for example in examples] if config.group_by_length else None
+    windows = iter_windows(len(examples), config, progress["epoch"], progress["position"], lengths,
+                           world.world_size)
     with StopOnCtrlC() as ctrl_c, tqdm(total=total_steps, initial=progress["step"], desc=config.mode,
                                         unit="step", dynamic_ncols=True, disable=not world.is_main) as bar:
         for step in range(progress["step"], total_steps):
@@ -144,7 +147,8 @@ def train_loop(model, optimizer, examples, config, *, pad_id, device, metrics_lo
                 progress["eval_loss_after"] = evaluate(model, eval_examples, config, pad_id, device)
                 log(eval_record(step + 1, progress["eval_loss_after"]))
             save_checkpoint_if_due(model, optimizer, config, progress, total_steps=total_steps,
-                                   ctrl_c=ctrl_c, device=device, world=world)
+                                   ctrl_c=ctrl_c, device=device, world=world,
+                                   checkpoint_dir=checkpoint_dir)
     return progress
 
 

@@ -2,7 +2,8 @@
 
 A checkpoint holds the trainable tensors (in BitFit, the biases: a few MB whatever the model
 size), the optimizer's moments, the progress counters and the random-number state. The frozen
-weights are not in it: they are reloaded from the base model, which never changes.
+weights are not in it: they are reloaded from the base model, so the progress also records
+fingerprints of the base and of the data, and a resumed run refuses to go on if either changed.
 
 The training loop calls save_checkpoint_if_due after every optimizer step, inside StopOnCtrlC:
 a checkpoint is written every --save-every steps, and when Ctrl-C asks the run to stop.
@@ -12,6 +13,7 @@ shards of them and of AdamW's moments with torch.distributed.checkpoint, into a 
 checkpoint.pt, which then names it (save_sharded_training_state).
 """
 
+import dataclasses
 import random
 import shutil
 import signal
@@ -22,13 +24,15 @@ import torch
 from tqdm import tqdm
 
 from bitfit.bias import trainable_parameters
-from bitfit.checkpoint import atomic_write
+from bitfit.checkpoint import first_non_finite, refuse_non_finite, save_torch
+from bitfit.config import TrainConfig
 from bitfit.distributed import any_rank
 from bitfit.errors import InputError, Interrupted
+from bitfit.rundir import CHECKPOINT_FILE, SHARDED_CHECKPOINT, find_checkpoint
 
-CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = "bitfit-checkpoint/1"
-SHARDED_FOLDER = "sharded-step-{step}"  # --fsdp: the shards of a checkpoint, beside checkpoint.pt
+CHECKPOINT_KEYS = ("config", "trainable", "optimizer", "progress", "rng")
+SHARDED_CHECKPOINT_KEYS = ("config", "progress", "rng")  # --fsdp: the tensors are in the folder it names
 
 
 def save_training_state(output_dir, model, optimizer, config, progress: dict) -> None:
@@ -39,7 +43,8 @@ def save_training_state(output_dir, model, optimizer, config, progress: dict) ->
         # The learning-rate schedule needs no state of its own: it is a function of the step.
         "optimizer": optimizer.state_dict(),
     }
-    atomic_write(Path(output_dir) / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
+    refuse_non_finite(state["trainable"], f"checkpoint at optimizer step {progress['step']}")
+    save_torch(state, Path(output_dir) / CHECKPOINT_FILE)
 
 
 def run_state(config, progress: dict) -> dict:
@@ -55,19 +60,22 @@ def run_state(config, progress: dict) -> dict:
     }
 
 
-def save_sharded_training_state(output_dir, model, optimizer, config, progress: dict, world) -> None:
+def save_sharded_training_state(output_dir, model, optimizer, config, progress: dict, *, device, world) -> None:
     """--fsdp, on every rank: the trained tensors and AdamW's moments, each rank its shards, into a
     folder named by the step; then rank 0 writes checkpoint.pt naming it, and removes older ones.
     A crash before checkpoint.pt is replaced leaves it naming the previous, complete folder."""
     import torch.distributed.checkpoint as dcp  # here, not above: one process never needs it
 
+    shards = {name: param.to_local() for name, param in trainable_parameters(model).items()}
+    if any_rank(first_non_finite(shards) is not None, device):  # every rank refuses, or none
+        raise InputError(f"checkpoint at optimizer step {progress['step']}: the trained tensors hold NaN or "
+                         f"inf values; nothing was written (try a lower --lr)")
     output_dir = Path(output_dir)
-    folder = output_dir / SHARDED_FOLDER.format(step=progress["step"])
+    folder = output_dir / SHARDED_CHECKPOINT.format(step=progress["step"])
     dcp.save(sharded_state(model, optimizer), checkpoint_id=folder)
     if world.is_main:
-        state = {**run_state(config, progress), "sharded": folder.name}
-        atomic_write(output_dir / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
-        for old in output_dir.glob(SHARDED_FOLDER.format(step="*")):
+        save_torch({**run_state(config, progress), "sharded": folder.name}, output_dir / CHECKPOINT_FILE)
+        for old in output_dir.glob(SHARDED_CHECKPOINT.format(step="*")):
             if old != folder:
                 shutil.rmtree(old)
 
@@ -83,13 +91,8 @@ def sharded_state(model, optimizer) -> dict:
 
 
 def load_training_state(run_dir: str) -> dict:
-    folder = Path(run_dir)
-    if not folder.is_dir():
-        raise InputError(f"--resume {run_dir}: no such run folder")
-    path = folder / CHECKPOINT_FILE
-    if not path.is_file():
-        raise InputError(f"--resume {run_dir}: no {CHECKPOINT_FILE} in it; a run writes one with "
-                         f"--save-every N or when stopped with Ctrl-C")
+    """The checkpoint --resume RUN_DIR continues from (see bitfit.rundir.find_checkpoint), checked."""
+    path = find_checkpoint(run_dir)
     try:
         # weights_only: a checkpoint is data (tensors, numbers, strings), never code to run.
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -97,25 +100,55 @@ def load_training_state(run_dir: str) -> dict:
         raise InputError(f"{path}: not a readable bitfit checkpoint ({type(error).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{path}: not a bitfit checkpoint")
-    if "sharded" in state:  # --fsdp: from the folder's name to where it is now
-        state["sharded"] = str(folder / state["sharded"])
+    required = SHARDED_CHECKPOINT_KEYS if "sharded" in state else CHECKPOINT_KEYS
+    missing = [key for key in required if not isinstance(state.get(key), dict)]
+    if "rng" not in missing:
+        missing += [f"rng.{key}" for key in ("torch", "python", "cuda") if key not in state["rng"]]
+    if missing:
+        raise InputError(f"{path}: a damaged bitfit checkpoint: it has no {', '.join(missing)}")
+    unknown = sorted(set(state["config"]) - {field.name for field in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise InputError(f"{path}: unknown setting(s) {', '.join(unknown)} (written by another version of "
+                         f"bitfit?)")
+    if "sharded" in state:  # --fsdp: from the name of its folder of shards to where that is now
+        state["sharded"] = str(path.parent / str(state["sharded"]))
         if not Path(state["sharded"]).is_dir():
             raise InputError(f"{path}: its shards, {state['sharded']}, are missing")
     return state
 
 
+def refuse_changed_inputs(progress: dict, fingerprints: dict, run_dir: str) -> None:
+    """--resume continues on the rows and the base the run started from, or not at all.
+
+    fingerprints holds the ones known so far (the data's before the model loads, then the base's);
+    a checkpoint from before fingerprints were recorded is not checked.
+    """
+    recorded = progress.get("fingerprints") or {}
+    changed = {"data": ("the training data (its rows differ)", "--data"),
+               "base": ("the base model (its weights differ)", "--model")}
+    for what, actual in fingerprints.items():
+        if recorded.get(what) not in (None, actual):
+            description, flag = changed[what]
+            raise InputError(f"--resume {run_dir}: {description} changed since the run started (fingerprint "
+                             f"{recorded[what]}, now {actual}); resume with the same {flag}, or start a new run")
+
+
 def restore_training_state(state: dict, model, optimizer) -> dict:
     """Load the tensors, optimizer and RNG state into a freshly set-up run; return its progress."""
-    if "sharded" in state:
-        load_sharded_state(state["sharded"], model, optimizer)
-    else:
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in state["trainable"].items():
-                params[name].copy_(tensor)
-        optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
+    params = dict(model.named_parameters())
+    try:
+        if "sharded" in state:
+            load_sharded_state(state["sharded"], model, optimizer)
+        else:
+            with torch.no_grad():
+                for name, tensor in state["trainable"].items():
+                    params[name].copy_(tensor)
+            optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as error:  # a damaged or forged checkpoint
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise InputError(f"the checkpoint does not fit this run ({type(error).__name__}: {first_line})") from None
     if state["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     progress = dict(state["progress"])
@@ -137,17 +170,21 @@ def load_sharded_state(folder: str, model, optimizer) -> None:
 
 
 def save_checkpoint_if_due(model, optimizer, config, progress: dict, *, total_steps: int, ctrl_c, device,
-                           world) -> None:
+                           world, checkpoint_dir=None) -> None:
     """After an optimizer step: write checkpoint.pt every --save-every steps and at the last step,
-    or when Ctrl-C was pressed, and then stop the run with Interrupted."""
+    or when Ctrl-C was pressed, and then stop the run with Interrupted.
+
+    It goes in checkpoint_dir (the run's staging folder, see bitfit.rundir), by default config.output_dir.
+    """
     step = progress["step"]
     last_step = step == total_steps
     stop = any_rank(ctrl_c.pressed, device)  # every rank stops at the same step
     save = stop or (config.save_every and (step % config.save_every == 0 or last_step))
     if save and config.fsdp:  # each rank holds shards of the state: all of them save
-        save_sharded_training_state(config.output_dir, model, optimizer, config, progress, world)
+        save_sharded_training_state(checkpoint_dir or config.output_dir, model, optimizer, config, progress,
+                                    device=device, world=world)
     elif save and world.is_main:  # the ranks hold the same state: one copy is enough
-        save_training_state(config.output_dir, model, optimizer, config, progress)
+        save_training_state(checkpoint_dir or config.output_dir, model, optimizer, config, progress)
     if stop and not last_step:
         raise Interrupted(f"checkpoint saved at optimizer step {step} of {total_steps} in "
                           f"{config.output_dir}; continue with: python train.py --resume "

@@ -33,10 +33,10 @@ def main(cases_file: str, watched: str) -> None:
         sys.addaudithook(lambda event, args: record_write(event, args, Path(watched), writes))
     try:
         for case in json.loads(Path(cases_file).read_text()):
-            config, resume_state = train.parse_args(case["argv"])
+            config, resume_state, overwrite = train.parse_args(case["argv"])
             stop_after(case.get("ctrl_c_after_step"))
             try:
-                run(config, resume_state, world=world)
+                run(config, resume_state, world=world, overwrite=overwrite)
             except Interrupted:
                 pass
             stop_after(None)

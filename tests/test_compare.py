@@ -116,7 +116,8 @@ def test_settings_that_make_the_comparison_unfair_are_listed_under_the_table(cop
     status, out, err = cli(compare.main, [str(copied_runs / "full"), str(copied_runs / "bitfit")], capsys)
     assert status == 0, err
     notes = out.split("These settings differ")[1].splitlines()[1:]
-    assert notes == ["- max_len: full 256, bitfit 64", "- seed: full 42, bitfit 7"]
+    # The full run asked for the default 256, capped at the test model's 128 positions.
+    assert notes == ["- max_len: full 128, bitfit 64", "- seed: full 42, bitfit 7"]
 
 
 def test_plot_writes_a_png_of_the_expected_size_with_both_runs_curves(runs, tmp_path, capsys):

@@ -36,10 +36,10 @@ def write_yaml(tmp_path, text, name="settings.yaml"):
 def test_flags_override_the_file(tmp_path):
     path = write_yaml(tmp_path, "mode: bitfit\nlr: 2e-3\nseed: 7\nmax_len: 64\nlimit: null\neval_size: 0.1\n"
                                 "group_by_length: true\n")
-    config, _ = train.parse_args(["--config", path])
+    config = train.parse_args(["--config", path])[0]
     assert (config.lr, config.seed, config.max_len, config.limit, config.eval_size) == (0.002, 7, 64, None, 0.1)
     assert config.group_by_length and config.output_dir == "runs/bitfit"
-    config, _ = train.parse_args(["--config", path, "--lr", "5e-4", "--seed", "1", "--output-dir", "elsewhere"])
+    config = train.parse_args(["--config", path, "--lr", "5e-4", "--seed", "1", "--output-dir", "elsewhere"])[0]
     assert (config.lr, config.seed, config.max_len, config.output_dir) == (5e-4, 1, 64, "elsewhere")
 
 
@@ -48,10 +48,10 @@ def test_mode_on_the_command_line_brings_its_own_default_lr_and_folder(tmp_path)
     saved = train.parse_args([])[0].to_dict()
     path = tmp_path / "train_config.json"
     path.write_text(json.dumps(saved))
-    config, _ = train.parse_args(["--config", str(path), "--mode", "full"])
+    config = train.parse_args(["--config", str(path), "--mode", "full"])[0]
     assert (config.mode, config.lr, config.output_dir) == ("full", 5e-5, "runs/full")
     path.write_text(json.dumps({**saved, "lr": 3e-3, "output_dir": "runs/mine"}))  # chosen, not defaults: kept
-    config, _ = train.parse_args(["--config", str(path), "--mode", "full"])
+    config = train.parse_args(["--config", str(path), "--mode", "full"])[0]
     assert (config.lr, config.output_dir) == (3e-3, "runs/mine")
 
 

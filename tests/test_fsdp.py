@@ -27,6 +27,7 @@ from bitfit.errors import InputError
 from bitfit.loop import train_step
 from bitfit.loss import label_token_count
 from bitfit.model import load_model_and_tokenizer, pad_token_id
+from bitfit.rundir import RunFolder
 from conftest import ROOT, ROWS, assert_same_metric_lines, metric_lines, prepare_for_training
 from test_add_biases import save_tiny
 
@@ -181,6 +182,24 @@ def test_only_rank_0_writes_the_run_folder(runs, tiny_model_dir, tmp_path):
         sorted([path.name for path in single.iterdir()] + ["sharded-step-2"])
 
 
+def test_the_run_folder_keeps_the_shards_its_checkpoint_names(tmp_path):
+    """A run folder holding a folder of shards is a run's own; a resumed run taking over a stopped
+    run's staging folder keeps them with its checkpoint (and drops what it was writing)."""
+    run, staging = tmp_path / "run", tmp_path / ".run.staging"
+    for folder, shards in ((run, "sharded-step-2"), (staging, "sharded-step-4")):
+        (folder / shards).mkdir(parents=True)
+        (folder / shards / "__0_0.distcp").write_bytes(b"shard")
+        for name in ("train_config.json", "checkpoint.pt"):
+            (folder / name).write_text("{}")
+    (staging / "model").mkdir()
+    with RunFolder(str(run), log=lambda message: None) as folder:
+        folder.open(resuming=True)
+        folder.stage(resuming=True)
+    kept = sorted(path.name for path in staging.iterdir())
+    assert kept == ["checkpoint.pt", "sharded-step-4", "train_config.json"]
+    assert (staging / "sharded-step-4" / "__0_0.distcp").read_bytes() == b"shard"
+
+
 def test_fsdp_without_torchrun_is_refused(tiny_model_dir, alpaca_file, tmp_path, capsys):
     argv = ["--model", tiny_model_dir, "--data", alpaca_file, "--fsdp", "--output-dir", str(tmp_path / "run")]
     assert run_main(train.main, argv) == 2
@@ -192,6 +211,7 @@ def test_fsdp_without_torchrun_is_refused(tiny_model_dir, alpaca_file, tmp_path,
 @pytest.mark.parametrize("overrides, message", [
     ({"dtype": "fp16"}, "use --dtype bf16"),
     ({"compile": True}, "--fsdp with --compile"),
+    ({"quantize": "nf4"}, "--fsdp with --quantize nf4"),
 ])
 def test_fsdp_refuses_what_it_does_not_support(overrides, message):
     with pytest.raises(InputError, match=message):
