@@ -22,6 +22,7 @@ A conversation is a list of {"role", "content"} (bitfit.formats). Both formats m
 """
 
 import hashlib
+import textwrap
 
 from bitfit.errors import InputError
 
@@ -134,14 +135,14 @@ def chat_pieces(messages: list[dict], tokenizer, max_len: int | None = None):
     for number, index in enumerate(trained_turns(messages, "chat"), 1):
         # No BOS is added: the template's rendering holds the special tokens it wants.
         prompt = encode(tokenizer, render(tokenizer, messages[:index], add_generation_prompt=True))
-        require_prefix(done, prompt, messages, f"the turns before assistant turn {number - 1}'s end",
+        require_prefix(done, prompt, messages, f"the conversation through assistant turn {number - 1}",
                        f"the prompt for assistant turn {number}", tokenizer)
         pieces.append((prompt[len(done):], False))
         if max_len is not None and len(prompt) >= max_len:
             return pieces
         through = encode(tokenizer, render(tokenizer, messages[:index + 1]))
         require_prefix(prompt, through, messages, f"the prompt for assistant turn {number}",
-                       f"the conversation through that turn", tokenizer)
+                       "the conversation through it", tokenizer)
         answer = through[len(prompt):]
         markers = [position for position, token in enumerate(answer) if token in special]
         if not markers:
@@ -192,8 +193,7 @@ def describe(messages: list[dict]) -> str:
     """Names a conversation in an error by how it begins: rows are read afresh, split and dropped,
     so its first words find it in the data more surely than a position would."""
     first = messages[0] if messages else {"role": "none", "content": ""}
-    text = " ".join(first["content"].split())
-    return f"the conversation that begins {first['role']}: {text[:40] + ('...' if len(text) > 40 else '')!r}"
+    return f"the conversation that begins {first['role']}: {textwrap.shorten(first['content'], 40, placeholder='...')!r}"
 
 
 # ------------------------------------------------------------------------------ a picture
