@@ -294,9 +294,14 @@ def test_a_row_the_template_fails_to_render_is_named():
 
 def test_the_readme_shows_one_conversation_masked_as_the_code_masks_it():
     readme = (ROOT / "README.md").read_text()
-    row, picture = re.search(r"one masked conversation[^\n]*\n\n```json\n(.*?)\n```\n\n```text\n(.*?)\n```", readme,
-                             re.DOTALL).groups()
+    row, picture, counts = re.search(r"\*\*One masked conversation\*\*.*?```json\n(.*?)\n```\n\n```text\n(.*?)\n```"
+                                     r"\n\n(.*?)\n\n", readme, re.DOTALL).groups()
+    assert json.loads(row) == {"messages": CONVERSATION}
     tokenizer = templated_tokenizer("chatml")
     example = tokenize_example(json.loads(row), tokenizer, 256, "chat")
     assert picture == show_masked(example, tokenizer)
-    assert chat_template_hash(tokenizer) != chat_template_hash(templated_tokenizer("llama3"))
+    red, blue = label_runs(example)
+    assert counts.startswith(f"Of its {len(example['input_ids'])} tokens, {len(red) + len(blue)} are trained: "
+                             f"`Red.<|im_end|>` is {len(red)} tokens")
+    assert f"`Blue.<|im_end|>` {len(blue)} (" in counts
+    assert f"The other {len(example['input_ids']) - len(red) - len(blue)} are" in counts

@@ -24,7 +24,7 @@ def readme_examples() -> dict[str, dict]:
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("\n## Data\n"):]
     return {name: json.loads(row) for name, row in
-            re.findall(r"^- `([a-z-]+)`: .*?\n```json\n(.*?)\n```", section, re.MULTILINE | re.DOTALL)}
+            re.findall(r"^\*\*`([a-z-]+)`\*\*: [^\n]*(?:\n[^\n`]*)?\n```json\n(.*?)\n```", section, re.MULTILINE | re.DOTALL)}
 
 
 def test_the_readmes_example_of_each_format_is_told_by_its_columns(tmp_path):
