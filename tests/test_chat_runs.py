@@ -220,3 +220,18 @@ def test_bad_chat_input_gives_one_line_and_keeps_the_earlier_run(case, tmp_path,
     assert len(lines) == 1 and expected in lines[0], err
     assert folder_bytes(earlier_run) == before
     assert leftovers(earlier_run) == []
+
+
+def test_a_checkpoint_from_before_templates_resumes_in_the_seeds_template(chat_model_dir, alpaca_file, tmp_path,
+                                                                         capsys):
+    out = tmp_path / "run"
+    status, _, err = cli(train.main, ["--model", chat_model_dir, "--data", alpaca_file, "--template", "seed",
+                                      "--max-steps", "1", "--save-every", "1", "--output-dir", str(out)], capsys)
+    assert status == 0, err
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    del state["config"]["format"], state["config"]["template"]  # as bitfit wrote them before
+    torch.save(state, out / "checkpoint.pt")
+    status, _, err = cli(train.main, ["--resume", str(out), "--max-steps", "2"], capsys)
+    assert status == 0, err
+    settings = json.loads((out / "train_config.json").read_text())
+    assert (settings["format"], settings["template"]) == ("alpaca", "seed")  # not the model's chat template
