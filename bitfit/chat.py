@@ -193,7 +193,8 @@ def describe(messages: list[dict]) -> str:
     """Names a conversation in an error by how it begins: rows are read afresh, split and dropped,
     so its first words find it in the data more surely than a position would."""
     first = messages[0] if messages else {"role": "none", "content": ""}
-    return f"the conversation that begins {first['role']}: {textwrap.shorten(first['content'], 40, placeholder='...')!r}"
+    opening = textwrap.shorten(first["content"], 40, placeholder="...")
+    return f"the conversation that begins {first['role']}: {opening!r}"
 
 
 # ------------------------------------------------------------------------------ a picture

@@ -222,7 +222,8 @@ def test_the_prompt_lengths_counted_up_front_drop_exactly_the_rows_left_without_
     rows = varied_rows()
     # The reference: every row tokenized whole, with no shortcut, then cut.
     pieces = [conversation_pieces(as_messages(row), tokenizer, template) for row in rows]
-    first_labels = [label_spans(example)[0][0] for example in (conversation_example(p, 1000) for p in pieces) if example]
+    wholes = [conversation_example(row_pieces, 1000) for row_pieces in pieces]
+    first_labels = [label_spans(example)[0][0] for example in wholes if example is not None]
     # Lengths that cut right at some rows' first label, and one past it.
     lengths = sorted({first_labels[i] + offset for i in range(0, len(first_labels), 3) for offset in (0, 1)})
     dropped_at = {}

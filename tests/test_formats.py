@@ -24,13 +24,15 @@ def readme_examples() -> dict[str, dict]:
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("\n## Data\n"):]
     return {name: json.loads(row) for name, row in
-            re.findall(r"^\*\*`([a-z-]+)`\*\*: [^\n]*(?:\n[^\n`]*)?\n```json\n(.*?)\n```", section, re.MULTILINE | re.DOTALL)}
+            re.findall(r"^\*\*`([a-z-]+)`\*\*: [^\n]*(?:\n[^\n`]*)?\n```json\n(.*?)\n```", section,
+                       re.MULTILINE | re.DOTALL)}
 
 
 def test_the_readmes_example_of_each_format_is_told_by_its_columns(tmp_path):
     examples = readme_examples()
     assert sorted(examples) == ["alpaca", "messages", "prompt-completion", "sharegpt"]
-    loaded = {name: load_rows_and_format(write_jsonl(tmp_path / f"{name}.jsonl", [row])) for name, row in examples.items()}
+    loaded = {name: load_rows_and_format(write_jsonl(tmp_path / f"{name}.jsonl", [row]))
+              for name, row in examples.items()}
     assert {name: data_format for name, (_, data_format) in loaded.items()} == {name: name for name in examples}
     (alpaca,), _ = loaded["alpaca"]
     assert alpaca == {key: examples["alpaca"].get(key, "") for key in ("instruction", "input", "output")}
