@@ -13,7 +13,7 @@ import math
 import sys
 
 from bitfit.cli import ArgumentParser, run_main
-from bitfit.config import DEFAULT_MODEL, DEVICES, QUANTIZE, check_seed
+from bitfit.config import DEFAULT_MODEL, DEVICES, QUANTIZE, TEMPLATES, check_seed
 from bitfit.errors import InputError
 
 DEFAULT_PROMPT = "List five steps for comparing two products."
@@ -29,15 +29,18 @@ def parse_args(argv=None):
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help=f"the instruction (default: {DEFAULT_PROMPT!r})")
     prompt.add_argument("--prompts", metavar="FILE",
-                        help="many prompts: a text file with one instruction per line, or an alpaca "
-                             ".json/.jsonl of rows with instruction and input")
+                        help="many prompts: a text file with one instruction per line, or a .json/.jsonl "
+                             "of alpaca rows (instruction, input) or of messages rows ending in a user turn")
     add("--input", default="", help="optional context for --prompt")
     add("--batch-size", type=int, default=8, help="prompts answered together")
     add("--max-new-tokens", type=int, default=64)
     add("--temperature", type=float, default=0.0, help="0 means greedy decoding")
     add("--compare", action="store_true", help="print the base model's answer, then the tuned ones")
+    add("--template", choices=TEMPLATES,
+        help="prompt through the seed's template or the tokenizer's chat template (default: the one the deltas "
+             "were trained with; without deltas, chat where the tokenizer has a chat template)")
     add("--force", action="store_true",
-        help="apply a delta even though its recorded base fingerprint differs from this base's")
+        help="apply a delta even though its recorded base fingerprint, or chat template, differs from this base's")
     add("--quantize", choices=QUANTIZE, help="serve on the 4-bit base that train.py --quantize nf4 trains on "
                                              "(a delta fits either base)")
     add("--device", choices=DEVICES, default="auto")
@@ -65,7 +68,7 @@ def main(argv=None) -> None:
 
     from bitfit.checkpoint import (apply_bias_delta, check_bias_delta, load_bias_delta, recorded_base,
                                    remove_bias_delta)
-    from bitfit.inference import generate_answers, read_prompts, room_for_answers
+    from bitfit.inference import generate_answers, prompt_template, read_prompts, room_for_answers, show_prompt
     from bitfit.model import load_model_and_tokenizer, position_limit, resolve_device
 
     prompts = read_prompts(args.prompts) if args.prompts else [(args.prompt or DEFAULT_PROMPT, args.input)]
@@ -85,8 +88,9 @@ def main(argv=None) -> None:
             check_bias_delta(model, tensors, metadata, force=args.force)
         except InputError as error:
             raise InputError(f"{path}: {error} (this base: {model_name})") from None
+    template = prompt_template(tokenizer, [metadata for _, _, metadata in deltas], args.template, args.force)
     max_new_tokens = args.max_new_tokens
-    room = room_for_answers(tokenizer, prompts, limit, model_name) if limit is not None else max_new_tokens
+    room = room_for_answers(tokenizer, prompts, limit, model_name, template) if limit is not None else max_new_tokens
     if room < max_new_tokens:
         print(f"--max-new-tokens {max_new_tokens} capped at {room}: {model_name} reads at most {limit} "
               f"positions, and the longest prompt takes {limit - room}", file=sys.stderr)
@@ -104,14 +108,14 @@ def main(argv=None) -> None:
             previous = apply_bias_delta(model, *delta, force=args.force) if delta else {}
             torch.manual_seed(args.seed)
             answers.append(generate_answers(model, tokenizer, batch, max_new_tokens=max_new_tokens,
-                                            temperature=args.temperature, batch_size=len(batch)))
+                                            temperature=args.temperature, batch_size=len(batch), template=template))
             remove_bias_delta(model, previous)
             bar.update(len(batch))
         # Printed as each batch finishes: a long --prompts file shows answers as it goes.
-        for offset, (instruction, input) in enumerate(batch):
+        for offset, prompt in enumerate(batch):
             number = start + offset + 1
             title = "### Prompt" if len(prompts) == 1 else f"### Prompt {number} of {len(prompts)}"
-            text = f"{title}\n{instruction}" + (f"\n{input}" if input else "") + "\n"
+            text = f"{title}\n{show_prompt(prompt)}\n"
             for (heading, _), column in zip(columns, answers):
                 text += f"\n### {heading}\n{column[offset]}\n"
             tqdm.write(text, file=sys.stdout)

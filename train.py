@@ -13,7 +13,8 @@ import argparse
 import sys
 
 from bitfit.cli import ArgumentParser, run_main
-from bitfit.config import DEFAULT_LR, DEVICES, DTYPES, MODES, QUANTIZE, TrainConfig, read_config_file
+from bitfit.config import (DEFAULT_LR, DEVICES, DTYPES, FORMATS, MODES, QUANTIZE, TEMPLATES, TrainConfig,
+                           read_config_file)
 from bitfit.errors import InputError
 
 D = TrainConfig()  # the defaults, shown in --help
@@ -31,9 +32,14 @@ def build_parser() -> ArgumentParser:
     add("--mode", choices=MODES, help=f"bitfit trains the biases only; full trains every parameter "
                                       f"(default: {D.mode})")
     add("--model", help="hub id or local folder (default: a built-in tiny GPT-2)")
-    add("--data", help="hub dataset id or a local .json/.jsonl/.csv/.parquet file of alpaca rows "
-                       "(default: a small sample that ships with bitfit)")
+    add("--data", help="hub dataset id or a local .json/.jsonl/.csv/.parquet file of rows in one of the "
+                       "--format formats (default: a small sample of alpaca rows that ships with bitfit)")
     add("--split", help=f"dataset split for hub datasets (default: {D.split})")
+    add("--format", choices=FORMATS, help="the data's format (default: told by its columns: instruction and "
+                                          "output; prompt and completion; messages; conversations)")
+    add("--template", choices=TEMPLATES, help="how prompts are written: the seed's Human: ... Assistant: , or "
+                                              "the tokenizer's chat template (default: chat where the tokenizer "
+                                              "has one, else seed)")
     add("--limit", type=int, help="use only the first N rows")
     add("--max-len", type=int, help=f"tokens per example, prompt included (default: {D.max_len})")
     add("--batch-size", type=int, help=f"examples per micro-batch (default: {D.batch_size})")

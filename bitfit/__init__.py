@@ -5,6 +5,8 @@ Start with `python -m bitfit.walkthrough`: one optimizer step, written out with 
 One module per idea:
     config      the run's settings (one dataclass)
     data        prompt template, tokenization, label masking, collate, batch order
+    formats     the four data formats: alpaca, prompt-completion, messages, ShareGPT
+    chat        conversations in the seed's template or the tokenizer's chat template, masked by prefixes
     model       loading models and tokenizers, the built-in tiny default
     bias        which parameters train, freezing the rest, counting
     loss        the causal-LM loss as a sum over label tokens (the step divides it by the window's count)

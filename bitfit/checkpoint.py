@@ -20,6 +20,7 @@ from safetensors.torch import load_file, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from bitfit.bias import add_zero_bias, is_added_bias, remove_added_bias
+from bitfit.config import TEMPLATES
 from bitfit.errors import InputError
 
 BIAS_FILE = "bias.safetensors"
@@ -101,7 +102,8 @@ def save_json(path: Path, data) -> None:
 
 
 def save_bias_delta(path: Path, model: torch.nn.Module, names: list[str], base_model: str,
-                    added_biases: list[str] | None = None, quantized_base: str | None = None) -> None:
+                    added_biases: list[str] | None = None, quantized_base: str | None = None,
+                    template: str = "seed", chat_template_hash: str | None = None) -> None:
     """Save the named trained tensors, under their state-dict names, with what they must be paired with.
 
     The metadata (safetensors allows only str -> str) records the base's id or path, the model
@@ -110,16 +112,19 @@ def save_bias_delta(path: Path, model: torch.nn.Module, names: list[str], base_m
     added_biases lists the tensors the base does not have (--add-biases); by default, those
     of names that bitfit.bias.add_zero_bias marked. quantized_base ("nf4") says the base was held
     in 4 bits while the delta trained; the fingerprint is the unquantized base's all the same.
+    template says how the training prompts were written ("seed" or "chat", bitfit.chat), and
+    chat_template_hash which chat template: generate.py prompts the tuned model the same way.
     """
     params = dict(model.named_parameters())
     tensors = {name: params[name].detach().to("cpu", copy=True) for name in names}
-    write_bias_delta(path, tensors, bias_delta_metadata(model, names, base_model, added_biases, quantized_base))
+    write_bias_delta(path, tensors, bias_delta_metadata(model, names, base_model, added_biases, quantized_base,
+                                                        template, chat_template_hash))
 
 
 def bias_delta_metadata(model: torch.nn.Module, names: list[str], base_model: str,
-                        added_biases: list[str] | None = None,
-                        quantized_base: str | None = None) -> dict[str, str]:
-    """What a delta of the named tensors records about its base (see save_bias_delta)."""
+                        added_biases: list[str] | None = None, quantized_base: str | None = None,
+                        template: str = "seed", chat_template_hash: str | None = None) -> dict[str, str]:
+    """What a delta of the named tensors records about its base and its prompts (see save_bias_delta)."""
     if added_biases is None:
         params = dict(model.named_parameters())
         added_biases = [name for name in names if is_added_bias(params[name])]
@@ -127,6 +132,9 @@ def bias_delta_metadata(model: torch.nn.Module, names: list[str], base_model: st
                 "base_fingerprint": base_fingerprint(model, names), "added_biases": json.dumps(added_biases)}
     if quantized_base:
         metadata["quantized_base"] = quantized_base
+    metadata["template"] = template
+    if chat_template_hash:
+        metadata["chat_template_hash"] = chat_template_hash
     return metadata
 
 
@@ -200,6 +208,7 @@ def load_bias_delta(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]
         raise InputError(f"{file}: not a readable safetensors file, or a truncated one ({error})") from None
     try:
         delta_added_biases(metadata)
+        delta_template(metadata)
     except InputError as error:
         raise InputError(f"{file}: {error}") from None
     return tensors, metadata
@@ -299,6 +308,18 @@ def delta_added_biases(metadata: dict[str, str] | None) -> list[str]:
     if not (isinstance(added, list) and all(isinstance(name, str) for name in added)):
         raise InputError(f"its added_biases metadata is not a JSON list of tensor names: {text[:60]!r}")
     return added
+
+
+def delta_template(metadata: dict[str, str] | None) -> tuple[str, str | None]:
+    """How the delta's training prompts were written: ("seed", None), or ("chat", the template's hash).
+    Deltas from before templates were recorded trained on the seed's."""
+    metadata = metadata or {}
+    template, digest = metadata.get("template", "seed"), metadata.get("chat_template_hash")
+    if template not in TEMPLATES:
+        raise InputError(f"its template metadata is {template[:20]!r}, not one of {', '.join(TEMPLATES)}")
+    if template == "chat" and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{16}", digest)):
+        raise InputError(f"its chat_template_hash metadata is not 16 hex digits: {str(digest)[:20]!r}")
+    return template, digest if template == "chat" else None
 
 
 def _bias_less_linear(model: torch.nn.Module, name: str) -> torch.nn.Linear | None:

@@ -23,7 +23,9 @@ from bitfit.metrics import gib
 from bitfit.resume import CHECKPOINT_FILE
 
 # Settings that change what the runs saw: where they differ, the numbers are not like for like.
-SAME_DATA_SETTINGS = ("model", "data", "split", "limit", "max_len", "seed", "eval_size")
+SAME_DATA_SETTINGS = ("model", "data", "split", "limit", "max_len", "seed", "eval_size", "template")
+# What runs from before a setting existed used: they wrote their prompts in the seed's template.
+SETTINGS_BEFORE = {"template": "seed"}
 # What every run's summary.json holds, and which of its values are numbers.
 SUMMARY_KEYS = ("mode", "model", "trainable_params", "total_params", "trainable_percent", "optimizer_steps",
                 "samples", "train_loss")
@@ -188,7 +190,7 @@ def ratio(values: list) -> float | None:
 def differing_settings(runs: list[dict]) -> dict[str, list]:
     differing = {}
     for key in SAME_DATA_SETTINGS:
-        values = [run["config"].get(key) for run in runs]
+        values = [run["config"].get(key, SETTINGS_BEFORE.get(key)) for run in runs]
         if any(value != values[0] for value in values):
             differing[key] = values
     return differing

@@ -24,6 +24,9 @@ MODES = ("bitfit", "full")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("fp32", "bf16", "fp16")
 QUANTIZE = ("nf4",)
+# Data formats, told apart by their columns (bitfit.formats); prompt formats (bitfit.chat).
+FORMATS = ("alpaca", "prompt-completion", "messages", "sharegpt")
+TEMPLATES = ("seed", "chat")
 
 # BitFit trains ~0.04% of the numbers, each bias nudging a whole feature, so it needs far
 # larger steps than full fine-tuning: the BitFit paper used 1e-4..1e-3. Full fine-tuning
@@ -44,6 +47,8 @@ class TrainConfig:
     split: str = "train"
     limit: int | None = None  # use the first N rows
     max_len: int = 256  # tokens per example, prompt included
+    format: str | None = None  # the data's format (FORMATS); None: told by its columns
+    template: str | None = None  # seed or chat; None: chat where the tokenizer has a chat template
     batch_size: int = 1  # examples per micro-batch
     grad_accum: int = 8  # micro-batches per optimizer step
     epochs: int = 1
@@ -72,6 +77,9 @@ class TrainConfig:
         _check_choice("--mode", self.mode, MODES)
         _check_choice("--device", self.device, DEVICES)
         _check_choice("--dtype", self.dtype, DTYPES)
+        for flag, value, choices in [("--format", self.format, FORMATS), ("--template", self.template, TEMPLATES)]:
+            if value is not None:
+                _check_choice(flag, value, choices)
         for flag, value in [("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum),
                             ("--max-len", self.max_len), ("--epochs", self.epochs),
                             ("--log-every", self.log_every)]:

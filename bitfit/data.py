@@ -1,9 +1,13 @@
-"""Alpaca rows -> prompt and response tokens -> masked labels -> padded micro-batches.
+"""Rows -> prompt and response tokens -> masked labels -> padded micro-batches.
 
 Each example is a plain dict {"input_ids": [...], "labels": [...]}. Labels are -100 over the
 prompt, so the model is trained to write the response and never to echo the instruction.
 Labels are aligned with input_ids (labels[i] is input_ids[i] or -100); the loss shifts them,
 scoring the logits at position i against labels[i + 1] (bitfit.loss).
+
+An alpaca row under the seed's template (format_prompt, tokenize_example) is the whole story of
+the seed experiment. Other data formats (bitfit.formats) and conversations under the seed's
+template or the tokenizer's chat template (bitfit.chat) come in through tokenize_example too.
 """
 
 import collections.abc
@@ -13,10 +17,11 @@ from pathlib import Path
 
 import torch
 
+from bitfit import chat
 from bitfit.errors import InputError, library_logs_silenced
+from bitfit.formats import as_messages, detect_format, normalize_rows
 
 IGNORE_INDEX = -100  # cross_entropy skips targets with this value
-REQUIRED_COLUMNS = ("instruction", "output")
 GROUP_BUCKET = 64  # micro-batches sorted together by --group-by-length
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 TOKENIZE_CHUNK = 1024  # rows per tokenizer call when measuring prompts: bounds its temporary memory
@@ -30,24 +35,23 @@ def format_prompt(instruction: str, input: str = "") -> str:
 # ---------------------------------------------------------------------------- loading rows
 
 
-def load_rows(source: str, split: str = "train", limit: int | None = None) -> list[dict]:
-    """Read alpaca rows from a local .json/.jsonl/.csv/.parquet file or a hub dataset id.
+def load_rows(source: str, split: str = "train", limit: int | None = None, format: str | None = None) -> list[dict]:
+    """Read rows from a local .json/.jsonl/.csv/.parquet file or a hub dataset id, in the data format
+    its columns show (or format), each checked and put in its shape (bitfit.formats).
 
     Only the first `limit` rows are read (a .json list is parsed whole; the other formats stop).
     """
+    return load_rows_and_format(source, split, limit, format)[0]
+
+
+def load_rows_and_format(source: str, split: str = "train", limit: int | None = None,
+                         format: str | None = None) -> tuple[list[dict], str]:
+    """load_rows, and the data format: the one asked for, or the one the columns show."""
     rows = _read_rows(source, split, limit)
     if not rows:
         raise InputError(f"{source}: the data has no rows")
-    columns = list(rows[0])
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    if missing:
-        raise InputError(f"{source}: missing column(s) {', '.join(missing)}; found "
-                         f"{', '.join(columns) or 'none'} (expected instruction, "
-                         f"input (optional), output)")
-    has_input = "input" in columns
-    return [{"instruction": _text(row["instruction"]),
-             "input": _text(row["input"]) if has_input else "",
-             "output": _text(row["output"])} for row in rows]
+    data_format = format or detect_format(list(rows[0]), source)
+    return normalize_rows(rows, data_format, source), data_format
 
 
 def rows_fingerprint(rows: list[dict]) -> str:
@@ -70,10 +74,6 @@ def split_rows(rows: list[dict], eval_size: float | None, seed: int) -> tuple[li
     held_out = set(torch.randperm(len(rows), generator=generator)[:count].tolist())
     return ([row for i, row in enumerate(rows) if i not in held_out],
             [row for i, row in enumerate(rows) if i in held_out])
-
-
-def _text(value) -> str:
-    return "" if value is None else str(value)
 
 
 def _read_rows(source: str, split: str, limit: int | None) -> list[dict]:
@@ -122,16 +122,18 @@ def _root_cause(error: BaseException) -> str:
 # ------------------------------------------------------------------ tokenizing and masking
 
 
-def tokenize_rows(rows: list[dict], tokenizer, max_len: int) -> tuple["TokenizedRows", int]:
-    """Turn rows into examples; return them and how many rows were dropped.
+def tokenize_rows(rows: list[dict], tokenizer, max_len: int, template: str = "seed") -> tuple["TokenizedRows", int]:
+    """Turn rows into examples in a prompt format (seed or chat); return them and how many rows were dropped.
 
     A row is dropped when truncation at max_len leaves none of its response: it would have
     no label tokens and add nothing to training (and a window of only such rows would leave
-    the loss nothing to be divided by).
+    the loss nothing to be divided by). A conversation with no assistant turn is dropped too.
     """
-    if tokenizer.eos_token_id is None:
+    if template == "seed" and tokenizer.eos_token_id is None:
         raise InputError("the tokenizer has no eos token; one is needed to end each response")
-    examples = TokenizedRows(rows, tokenizer, max_len)
+    if template == "chat":
+        chat.check_chat_template(tokenizer)
+    examples = TokenizedRows(rows, tokenizer, max_len, template)
     return examples, len(rows) - len(examples)
 
 
@@ -145,9 +147,10 @@ class TokenizedRows(collections.abc.Sequence):
     order of the examples and their count are then known, and a step tokenizes the few it takes.
     """
 
-    def __init__(self, rows: list[dict], tokenizer, max_len: int):
-        self.tokenizer, self.max_len = tokenizer, max_len
-        self.rows = [row for row, length in zip(rows, prompt_lengths(rows, tokenizer)) if length < max_len]
+    def __init__(self, rows: list[dict], tokenizer, max_len: int, template: str = "seed"):
+        self.tokenizer, self.max_len, self.template = tokenizer, max_len, template
+        self.rows = [row for row, length in zip(rows, prompt_lengths(rows, tokenizer, template))
+                     if length is not None and length < max_len]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -155,23 +158,39 @@ class TokenizedRows(collections.abc.Sequence):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        return tokenize_example(self.rows[index], self.tokenizer, self.max_len)
+        return tokenize_example(self.rows[index], self.tokenizer, self.max_len, self.template)
 
 
-def prompt_lengths(rows: list[dict], tokenizer):
-    """Yield each row's prompt length in tokens, tokenizing TOKENIZE_CHUNK prompts at a time."""
+def prompt_lengths(rows: list[dict], tokenizer, template: str = "seed"):
+    """Yield each row's prompt length in tokens (None: nothing to train), TOKENIZE_CHUNK prompts at a time.
+
+    The prompt is what comes before the first label token, tokenized as tokenize_example does:
+    with the tokenizer's special tokens under seed, without them under chat (the template holds its own).
+    """
     for start in range(0, len(rows), TOKENIZE_CHUNK):
-        prompts = [format_prompt(row["instruction"], row["input"]) for row in rows[start:start + TOKENIZE_CHUNK]]
-        yield from (len(ids) for ids in tokenizer(prompts)["input_ids"])
+        prompts = [prompt_text(row, tokenizer, template) for row in rows[start:start + TOKENIZE_CHUNK]]
+        texts = [prompt for prompt in prompts if prompt is not None]
+        lengths = iter(len(ids) for ids in tokenizer(texts, add_special_tokens=template == "seed")["input_ids"])
+        yield from (None if prompt is None else next(lengths) for prompt in prompts)
 
 
-def tokenize_example(row: dict, tokenizer, max_len: int) -> dict | None:
+def prompt_text(row: dict, tokenizer, template: str = "seed") -> str | None:
+    """The text of the row's prompt: everything before its first answer; None when it has none."""
+    if template == "seed" and "messages" not in row:
+        return format_prompt(row["instruction"], row["input"])
+    return chat.first_prompt_text(as_messages(row), tokenizer, template)
+
+
+def tokenize_example(row: dict, tokenizer, max_len: int, template: str = "seed") -> dict | None:
     """One row's example: its prompt and response tokens, labels masked over the prompt."""
-    # The prompt gets the tokenizer's own special tokens (a BOS where the model expects one),
-    # exactly as at generation time; the response gets none, only the eos we append.
-    prompt = tokenizer(format_prompt(row["instruction"], row["input"]))["input_ids"]
-    response = tokenizer(row["output"], add_special_tokens=False)["input_ids"]
-    return build_example(prompt, response + [tokenizer.eos_token_id], max_len)
+    if template == "seed" and "messages" not in row:
+        # The prompt gets the tokenizer's own special tokens (a BOS where the model expects one),
+        # exactly as at generation time; the response gets none, only the eos we append.
+        prompt = tokenizer(format_prompt(row["instruction"], row["input"]))["input_ids"]
+        response = tokenizer(row["output"], add_special_tokens=False)["input_ids"]
+        return build_example(prompt, response + [tokenizer.eos_token_id], max_len)
+    # A conversation, or any row under the chat template: several prompts and answers (bitfit.chat).
+    return conversation_example(chat.conversation_pieces(as_messages(row), tokenizer, template, max_len), max_len)
 
 
 def build_example(prompt_ids: list[int], response_ids: list[int], max_len: int) -> dict | None:
@@ -180,6 +199,20 @@ def build_example(prompt_ids: list[int], response_ids: list[int], max_len: int) 
     if all(label == IGNORE_INDEX for label in labels):
         return None
     return {"input_ids": input_ids, "labels": labels}
+
+
+def conversation_example(pieces: list[tuple[list[int], bool]], max_len: int) -> dict | None:
+    """Join (token ids, trained) runs into an example cut at max_len, ending at its last label token.
+
+    What follows the last label teaches nothing, so it is cut too: a conversation cut inside a
+    user turn keeps the whole turns before it, one cut inside an answer keeps the part that fits.
+    """
+    input_ids = [token for ids, _ in pieces for token in ids][:max_len]
+    labels = [token if trained else IGNORE_INDEX for ids, trained in pieces for token in ids][:max_len]
+    while labels and labels[-1] == IGNORE_INDEX:
+        labels.pop()
+        input_ids.pop()
+    return {"input_ids": input_ids, "labels": labels} if labels else None
 
 
 # ------------------------------------------------------------------- batching and collate

@@ -2,8 +2,8 @@
 
     python -m bitfit.export --bias runs/bitfit --out runs/bitfit/merged
 
-The folder (weights with the tuned biases in place, config, tokenizer) loads with
-AutoModelForCausalLM.from_pretrained and needs neither bitfit nor the delta to run.
+The folder (weights with the tuned biases in place, config, tokenizer with its chat template)
+loads with AutoModelForCausalLM.from_pretrained and needs neither bitfit nor the delta to run.
 
 A delta with biases that --add-biases created needs an architecture whose config can switch
 those biases on (LLaMA's attention_bias and mlp_bias); where none can, export refuses.
@@ -30,14 +30,16 @@ def parse_args(argv=None):
     add("--out", required=True, help="the model folder to write (new or empty)")
     add("--overwrite", action="store_true", help="replace --out even though it holds files")
     add("--force", action="store_true",
-        help="merge even though the delta's recorded base fingerprint differs from this base's")
+        help="merge even though the delta's recorded base fingerprint, or chat template, differs from this base's")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    from bitfit.chat import has_chat_template
     from bitfit.checkpoint import (apply_bias_delta, delta_added_biases, load_bias_delta, recorded_base,
                                    save_model_folder)
+    from bitfit.inference import prompt_template
     from bitfit.model import load_model_and_tokenizer
 
     tensors, metadata = load_bias_delta(args.bias)
@@ -51,10 +53,15 @@ def main(argv=None) -> None:
         apply_bias_delta(model, tensors, metadata, force=args.force)
     except InputError as error:
         raise InputError(f"{args.bias}: {error} (this base: {model_name})") from None
+    # The folder keeps the tokenizer's chat template, so it must be the one the delta trained through.
+    template = prompt_template(tokenizer, [metadata], force=args.force)
     flags = hold_added_biases(model, delta_added_biases(metadata)) if delta_added_biases(metadata) else []
     save_model_folder(out, model, tokenizer)
     note = f" (config: {', '.join(f'{flag}=True' for flag in flags)}, for the added biases)" if flags else ""
     print(f"wrote {out}: {model_name} with the {len(tensors)} bias tensors of {args.bias} merged in{note}")
+    if template == "seed" and has_chat_template(tokenizer):
+        print("note: the delta trained on the seed's prompts (Human: ... Assistant: ), not through the chat "
+              "template the folder's tokenizer carries; prompt it the seed's way")
 
 
 def merge_bias_delta(model, tensors: dict, metadata: dict | None = None, force: bool = False) -> list[str]:

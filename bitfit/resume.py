@@ -106,6 +106,8 @@ def load_training_state(run_dir: str) -> dict:
         missing += [f"rng.{key}" for key in ("torch", "python", "cuda") if key not in state["rng"]]
     if missing:
         raise InputError(f"{path}: a damaged bitfit checkpoint: it has no {', '.join(missing)}")
+    # Runs from before --format and --template read alpaca rows through the seed's template.
+    state["config"] = {"format": "alpaca", "template": "seed", **state["config"]}
     unknown = sorted(set(state["config"]) - {field.name for field in dataclasses.fields(TrainConfig)})
     if unknown:
         raise InputError(f"{path}: unknown setting(s) {', '.join(unknown)} (written by another version of "

@@ -22,7 +22,9 @@ from bitfit.bias import (add_biases, count_parameters, describe_bias_terms, desc
 from bitfit.checkpoint import (BIAS_FILE, base_fingerprint, bias_delta_metadata, save_bias_delta, save_json,
                                save_model_folder)
 from bitfit.config import TrainConfig
-from bitfit.data import load_rows, rows_fingerprint, split_rows, tokenize_rows
+from bitfit.chat import chat_template_hash, choose_template
+from bitfit.data import load_rows_and_format, rows_fingerprint, split_rows, tokenize_rows
+from bitfit.formats import has_answer
 from bitfit.distributed import SINGLE, gather_objects
 from bitfit.errors import InputError, Interrupted
 from bitfit.fsdp import check_world, save_gathered, shard_model
@@ -53,7 +55,7 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=
         log = lambda message: None  # noqa: E731
     with RunFolder(config.output_dir, writer=world.is_main, log=log) as folder:
         folder.open(overwrite=overwrite, resuming=resume_state is not None)
-        rows = load_rows(config.data, config.split, config.limit)
+        rows, data_format = load_rows_and_format(config.data, config.split, config.limit, config.format)
         fingerprints = {"data": rows_fingerprint(rows)}
         if resume_state is not None:
             refuse_changed_inputs(resume_state["progress"], fingerprints, config.output_dir)
@@ -65,8 +67,13 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=
         fingerprints["base"] = base_fingerprint(model, ())  # every weight, before any trains
         if resume_state is not None:
             refuse_changed_inputs(resume_state["progress"], fingerprints, config.output_dir)
-        examples, dropped = tokenize_rows(train_rows, tokenizer, config.max_len)
-        eval_examples, eval_dropped = tokenize_rows(eval_rows, tokenizer, config.max_len)
+        # The data and prompt formats as resolved, so that train_config.json says what ran.
+        config = dataclasses.replace(config, format=data_format, template=choose_template(config.template, tokenizer))
+        examples, dropped = tokenize_rows(train_rows, tokenizer, config.max_len, config.template)
+        eval_examples, eval_dropped = tokenize_rows(eval_rows, tokenizer, config.max_len, config.template)
+        if not any(has_answer(row) for row in train_rows):
+            raise InputError(f"none of the {len(train_rows)} training rows has an assistant turn: there is nothing "
+                             f"to train on")
         if not examples:
             raise InputError(f"every one of the {len(train_rows)} training rows was dropped: no response "
                              f"token fits in --max-len {config.max_len}; raise --max-len")
@@ -76,8 +83,11 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=
         log(textwrap.fill("settings: " + "  ".join(f"{key}={value}" for key, value in config.to_dict().items()),
                           width=100, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False))
         if dropped or eval_dropped:
-            log(f"dropped {dropped + eval_dropped} of {len(rows)} rows: their response did not fit in "
-                f"--max-len {config.max_len}")
+            unanswered = sum(not has_answer(row) for row in rows)
+            too_long = dropped + eval_dropped - unanswered
+            reasons = ([f"{unanswered} have no assistant turn"] if unanswered else []) + (
+                [f"{too_long} had their response cut away by --max-len {config.max_len}"] if too_long else [])
+            log(f"dropped {dropped + eval_dropped} of {len(rows)} rows: {'; '.join(reasons)}")
 
         # Dropout (each rank its own masks); the data order has its own seeded generator.
         torch.manual_seed(config.seed + world.rank)
@@ -89,7 +99,9 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=
         model_bytes = weight_bytes(model)  # the whole model's, before --fsdp shards it
         if config.fsdp:
             # A delta records its base's class and a fingerprint of its weights: read them while whole.
-            delta_metadata = bias_delta_metadata(model, trained_names, config.model)
+            delta_metadata = bias_delta_metadata(
+                model, trained_names, config.model, template=config.template,
+                chat_template_hash=chat_template_hash(tokenizer) if config.template == "chat" else None)
             shard_model(model, config, device, masks)
         parameter_bytes_here = parameter_bytes(model)  # under --fsdp, this rank's shards
         optimizer = build_optimizer(model, config, device, no_decay=masks)
@@ -136,7 +148,8 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=
             save_gathered(model, config, staging, trained_names, delta_metadata, tokenizer, world)
         elif world.is_main and config.mode == "bitfit":  # every rank holds the same trained tensors
             save_bias_delta(staging / BIAS_FILE, model, trained_names, base_model=config.model,
-                            quantized_base=config.quantize)
+                            quantized_base=config.quantize, template=config.template,
+                            chat_template_hash=chat_template_hash(tokenizer) if config.template == "chat" else None)
         elif world.is_main:
             save_model_folder(staging / "model", model, tokenizer)
         if world.is_main:

@@ -76,7 +76,7 @@ def bad_runs(tmp_path, tiny_model_dir, alpaca_file):
         "missing data file": (["--data", str(tmp_path / "nope.json")], "data file not found"),
         "invalid json": (["--data", str(not_json)], "not a valid JSON file"),
         "empty data file": (["--data", str(empty)], "data file is empty"),
-        "missing column": (["--data", str(no_output)], "missing column(s) output"),
+        "missing column": (["--data", str(no_output)], "its columns (instruction, response) fit no data format"),
         "missing model": (["--model", str(tmp_path / "no-model")], "model folder not found"),
         "truncated model weights": (["--model", str(truncated), "--data", alpaca_file],
                                     "could not load model"),

@@ -120,6 +120,19 @@ def test_settings_that_make_the_comparison_unfair_are_listed_under_the_table(cop
     assert notes == ["- max_len: full 128, bitfit 64", "- seed: full 42, bitfit 7"]
 
 
+def test_a_run_from_before_templates_compares_as_a_seed_run(copied_runs, capsys):
+    older = copied_runs / "full" / "train_config.json"
+    older.write_text(json.dumps({key: value for key, value in json.loads(older.read_text()).items()
+                                 if key != "template"}))
+    argv = [str(copied_runs / "full"), str(copied_runs / "bitfit")]
+    edit_json(copied_runs / "bitfit" / "train_config.json", template="seed")
+    status, out, err = cli(compare.main, argv, capsys)
+    assert status == 0 and "These settings differ" not in out, err
+    edit_json(copied_runs / "bitfit" / "train_config.json", template="chat")
+    status, out, err = cli(compare.main, argv, capsys)
+    assert out.split("These settings differ")[1].splitlines()[1:] == ["- template: full seed, bitfit chat"]
+
+
 def test_plot_writes_a_png_of_the_expected_size_with_both_runs_curves(runs, tmp_path, capsys):
     picture = tmp_path / "compare.png"
     status, out, err = cli(compare.main, [str(runs / "full"), str(runs / "bitfit"), "--plot", str(picture)],

@@ -91,7 +91,7 @@ def test_input_column_is_optional_and_limit_takes_the_first_rows(tmp_path):
     (None, "data file not found"),
     ("", "data file is empty"),
     ("{not json", "not a valid JSON file"),
-    ('[{"instruction": "q", "answer": "a"}]', "missing column(s) output"),
+    ('[{"instruction": "q", "answer": "a"}]', "its columns (instruction, answer) fit no data format"),
 ])
 def test_bad_data_files_are_named_in_the_error(tmp_path, content, expected):
     path = tmp_path / "rows.json"
