@@ -127,8 +127,6 @@ class TrainConfig:
                              "across the shards); use --dtype bf16")
         if self.fsdp and self.compile:
             raise InputError("--fsdp with --compile is not supported; leave one out")
-        if self.fsdp and self.quantize is not None:
-            raise InputError(f"--fsdp with --quantize {self.quantize} is not supported yet; leave one out")
         if self.output_dir is None:
             self.output_dir = str(Path("runs") / self.mode)
 

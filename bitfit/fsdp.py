@@ -16,6 +16,13 @@ The arithmetic is bitfit's, exactly as in one process:
 - Every rank runs every micro-batch (train_loop adds idle_micro_batch where a rank has fewer),
   since each layer's gather needs all of them.
 
+With --quantize nf4 the 4-bit weights are sharded too: each rank keeps its rows' 4-bit codes and
+scales, FSDP gathers those, and torchao rebuilds the 4-bit weight from them (NF4Tensor's
+fsdp_post_all_gather), which the layer dequantizes as in one process. torchao splits them by rows
+without padding, so a weight whose rows or groups of scales do not divide by N stays whole on
+every rank (FSDP's ignored_params): the run works on any number of ranks, and holds that weight
+N times. Real models' layers split over 2, 4 or 8 ranks.
+
 Saving gathers what is written (the biases, or in full mode the whole model on rank 0 only);
 resuming saves and loads the sharded state with torch.distributed.checkpoint (bitfit.resume).
 
@@ -23,6 +30,7 @@ FSDP's modules are imported inside the functions that need them, and only in a p
 importing them takes half a second, which a run in one process never pays.
 """
 
+import math
 import warnings
 
 import torch
@@ -32,6 +40,7 @@ from bitfit.bias import mask_gradients
 from bitfit.checkpoint import BIAS_FILE, save_model_folder, write_bias_delta
 from bitfit.data import IGNORE_INDEX, collate
 from bitfit.errors import InputError
+from bitfit.quantize import NF4Linear, splits_evenly
 
 
 def check_world(config, world) -> None:
@@ -44,16 +53,18 @@ def check_world(config, world) -> None:
 def shard_model(model, config, device: torch.device, masks: dict[str, torch.Tensor]) -> None:
     """The setup step of --fsdp, after freeze and set_precision_and_kernels and before
     build_optimizer: fully_shard each transformer block, then the whole model, which takes
-    what is left (embeddings, final norm, head). Each rank's shards move to device."""
+    what is left (embeddings, final norm, head). Each rank's shards move to device; 4-bit
+    weights that do not split evenly stay whole (whole_4bit_weights)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
     from torch.distributed.tensor import distribute_tensor
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = precision_policy(config)
+    whole = whole_4bit_weights(model, mesh.size(), device)
     for block in transformer_blocks(model):
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy, ignored_params=set(whole.values()))
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=set(whole.values()))
     for module in model.modules():
         if isinstance(module, FSDPModule):
             # Sum the ranks' gradients, as bitfit.distributed.all_reduce_grads does: a plain SUM
@@ -77,6 +88,45 @@ def shard_model(model, config, device: torch.device, masks: dict[str, torch.Tens
                            for name, mask in masks.items()})
 
 
+def whole_4bit_weights(model, ranks: int, device: torch.device) -> dict[str, torch.nn.Parameter]:
+    """--quantize nf4: the 4-bit weights that do not split evenly over the ranks
+    (bitfit.quantize.splits_evenly), by name, each moved whole to device.
+
+    FSDP leaves them out (ignored_params): it neither moves them, nor gathers them, nor reduces
+    their gradient, which a frozen weight never has; each rank uses its whole copy as a run in one
+    process does. Refusing them instead would stop runs that work, to save memory the user can see
+    (the run names them, and parameter_bytes_per_rank counts them on every rank)."""
+    whole = {}
+    for path, module in model.named_modules():
+        if isinstance(module, NF4Linear) and not splits_evenly(module.weight, ranks):
+            module.weight = torch.nn.Parameter(module.weight.to(device), requires_grad=False)
+            whole[f"{path}.weight"] = module.weight
+    return whole
+
+
+def describe_4bit_shards(model, ranks: int) -> str:
+    """One line, before shard_model: whether each 4-bit weight is sharded over the ranks, those that
+    stay whole by shape (rows x columns, groups of scales), and the numbers of ranks that would shard them all."""
+    weights = {f"{path}.weight": module.weight for path, module in model.named_modules()
+               if isinstance(module, NF4Linear)}
+    whole = [name for name, weight in weights.items() if not splits_evenly(weight, ranks)]
+    if not whole:
+        return f"--fsdp: each of the {len(weights)} weights held in 4 bits is sharded over the {ranks} ranks"
+    by_shape = {}
+    for name in whole:
+        by_shape.setdefault((*weights[name].shape, weights[name].quantization_factor.numel()), []).append(name)
+    shapes = ", ".join(f"{len(names)} of {rows} x {columns} in {groups} group{'s' * (groups > 1)} "
+                       f"({names[0]}{', ...' * (len(names) > 1)})"
+                       for (rows, columns, groups), names in by_shape.items())
+    # Every 4-bit weight splits over a number of ranks that divides all their rows and groups.
+    common = math.gcd(*(count for weight in weights.values()
+                        for count in (weight.size(0), weight.quantization_factor.numel())))
+    counts = [str(count) for count in range(2, min(common, 64) + 1) if common % count == 0]
+    would = f"all would shard over {' or '.join(counts)} ranks" if counts else "no number of ranks shards them all"
+    return (f"--fsdp: {len(whole)} of the {len(weights)} weights held in 4 bits stay whole on every rank, their "
+            f"rows or groups of scales not dividing by {ranks}: {shapes}; {would}")
+
+
 def precision_policy(config):
     """How FSDP gathers, computes and reduces: the dtypes of bitfit's own --dtype, in its terms."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -85,7 +135,8 @@ def precision_policy(config):
         return MixedPrecisionPolicy()
     if config.mode == "bitfit":
         # The frozen weights are stored in bf16 already and the biases in fp32 (bitfit.model.weights_dtype):
-        # gathered as they are stored, computed under autocast as in one process, reduced in fp32.
+        # gathered as they are stored, computed under autocast as in one process, reduced in fp32. (No
+        # param_dtype, which torchao's 4-bit weights would ignore: they are gathered as 4-bit storage.)
         return MixedPrecisionPolicy(reduce_dtype=torch.float32)
     # Full fine-tuning keeps fp32 master weights (sharded) and gathers bf16 copies of them for
     # the forward and backward passes; gradients are reduced, and accumulated, in fp32.

@@ -65,8 +65,11 @@ class NF4Linear(torch.nn.Linear):
         return f"{super().extra_repr()}, weight=NF4"
 
 
-def quantize_frozen_weights(model: torch.nn.Module, device: torch.device) -> list[str]:
-    """Store the weight of every Linear layer but the output head as NF4, frozen, on device.
+def quantize_frozen_weights(model: torch.nn.Module, device: torch.device, keep_on: torch.device | None = None
+                            ) -> list[str]:
+    """Store the weight of every Linear layer but the output head as NF4, frozen, on device
+    (or quantized on device and kept on keep_on: --fsdp keeps them on the CPU until each rank
+    takes its shards, so that no GPU holds the whole 4-bit model).
 
     Layer by layer: each weight moves to device, is quantized there, and its full-precision copy
     is let go, so the device never holds more than one unquantized weight (a 7B model in bf16
@@ -94,6 +97,8 @@ def quantize_frozen_weights(model: torch.nn.Module, device: torch.device) -> lis
             weight = weight.t()
         blocks = weight.numel() // NF4_BLOCK
         nf4 = to_nf4(weight.contiguous(), NF4_BLOCK, scale_group(blocks))
+        if keep_on is not None:
+            nf4 = nf4.to(keep_on)  # no dtype given: torchao moves the 4-bit storage as it is
         parent, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent), name, NF4Linear(nf4, module.bias, sample))
     return left_as_they_were
@@ -115,6 +120,18 @@ def scale_group(blocks: int) -> int:
     into groups of 256, else the largest group size up to 256 that divides them evenly (torchao
     needs whole groups). SmolLM2's 576 x 576 projections have 5184 blocks, for instance: 216."""
     return max(size for size in range(1, min(blocks, NF4_SCALE_GROUP) + 1) if blocks % size == 0)
+
+
+def splits_evenly(weight, ranks: int) -> bool:
+    """Whether FSDP can give each of `ranks` ranks an equal shard of a 4-bit weight.
+
+    torchao's NF4Tensor shards by rows, without padding: each shard must hold whole rows, whole
+    64-weight blocks and whole groups of block scales, so that it dequantizes to its rows exactly
+    as the whole weight does. That holds when the rows and the groups of scales divide by
+    `ranks` (the blocks and the 4-bit codes then do too). The groups are what the shape decides
+    (scale_group): QLoRA's 256 blocks in real models, whose layers split over 2, 4 or 8 ranks.
+    """
+    return weight.size(0) % ranks == 0 and weight.quantization_factor.numel() % ranks == 0
 
 
 def describe_quantized(model: torch.nn.Module) -> str:

@@ -27,7 +27,7 @@ from bitfit.data import load_rows_and_format, rows_fingerprint, split_rows, toke
 from bitfit.formats import has_answer
 from bitfit.distributed import SINGLE, gather_objects
 from bitfit.errors import InputError, Interrupted
-from bitfit.fsdp import check_world, save_gathered, shard_model
+from bitfit.fsdp import check_world, describe_4bit_shards, save_gathered, shard_model
 from bitfit.loop import count_optimizer_steps, new_progress, train_loop
 from bitfit.metrics import (MetricsLog, format_summary, parameter_bytes, peak_memory_bytes, peak_rss_bytes,
                             perplexity, reset_peak_memory, weight_bytes, work_done)
@@ -100,8 +100,10 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=
         if config.fsdp:
             # A delta records its base's class and a fingerprint of its weights: read them while whole.
             delta_metadata = bias_delta_metadata(
-                model, trained_names, config.model, template=config.template,
+                model, trained_names, config.model, quantized_base=config.quantize, template=config.template,
                 chat_template_hash=chat_template_hash(tokenizer) if config.template == "chat" else None)
+            if config.quantize:
+                log(describe_4bit_shards(model, world.world_size))
             shard_model(model, config, device, masks)
         parameter_bytes_here = parameter_bytes(model)  # under --fsdp, this rank's shards
         optimizer = build_optimizer(model, config, device, no_decay=masks)
@@ -234,7 +236,9 @@ def place_on_device(model, config: TrainConfig, device: torch.device) -> None:
     weight, so it can be held in 4 bits, and the device never holds the whole unquantized model
     (a 7B model in bf16 would not fit where its 4-bit copy does)."""
     if config.quantize:
-        quantize_frozen_weights(model, device)
+        # --fsdp: quantized on the device, then kept on the CPU with the rest of the model, from which
+        # shard_model takes each rank's shards: no GPU holds the whole 4-bit model.
+        quantize_frozen_weights(model, device, keep_on=torch.device("cpu") if config.fsdp else None)
     if not config.fsdp:  # --fsdp: bitfit.fsdp.shard_model moves each rank's shards there, never the whole model
         model.to(device)
 
