@@ -85,7 +85,8 @@ def test_the_experiment_trains_each_run_from_the_base_and_scores_the_held_out_re
         assert scored["right_share"] == sum(map(experiment.mentions, scored["answers"], expected)) / 42
     # Each run starts from the base and changes what it says.
     assert bitfit["held_out_loss"] != report["base"]["held_out_loss"] != full["held_out_loss"]
-    assert "| bitfit-1ep | biases: all | 0.001 | 1 | 576 (" in out and "| full-1ep | every weight | 5e-05 | 1 |" in out
+    assert "| bitfit-1ep | biases: all | 0.001 | 1 | 576 (" in out
+    assert "| full-1ep | every weight | 5e-05 | 1 |" in out
 
 
 def test_a_delta_is_applied_for_scoring_and_the_base_restored_after(experiment_run, tiny_llama):
