@@ -1,6 +1,6 @@
 """Does BitFit learn? BitFit and full fine-tuning of a real model, on a behaviour it does not have.
 
-    python -m bitfit.experiment            # SmolLM2-135M-Instruct, on the CPU (see the README for the time)
+    python -m bitfit.experiment            # SmolLM2-135M-Instruct, on the CPU: several minutes
 
 The behaviour: answer a short question with one JSON object, {"answer": "..."}, and nothing else.
 SmolLM2-135M-Instruct knows many of the answers (capitals, sums, plurals, chemical symbols) but
@@ -9,8 +9,8 @@ and carries on. bitfit/assets/json_answers_train.json teaches the format on 158 
 json_answers_held_out.json holds 42 others of the same kinds, never trained on.
 
 Each run trains from the same base with train.py, in a fresh process (so that its peak memory is
-its own): BitFit on all the biases --add-biases creates, BitFit on subsets of them, and full
-fine-tuning. Then every model answers the held-out questions (greedy), and a program checks each
+its own): BitFit on all the biases --add-biases creates and full fine-tuning, for one epoch and for
+three; BitFit at a larger learning rate; BitFit on subsets of the biases. Then every model answers the held-out questions (greedy), and a program checks each
 reply: is it one JSON object with the one key "answer" and nothing else (the behaviour), and does it
 say the right answer (in any format, so the base is judged too). The table reports, per run:
 trained parameters, seconds, peak memory, held-out loss and those two shares, before and after.
