@@ -83,7 +83,8 @@ def load_weights(model, tensors: dict[str, torch.Tensor], file: Path) -> None:
     except an output head tied to the embedding, which shares the embedding's tensor."""
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     model.tie_weights()
-    tied = {name for name in missing if model.get_parameter(name) is model.get_input_embeddings().weight}
+    embedding = model.get_input_embeddings().weight
+    tied = {name for name, param in model.named_parameters(remove_duplicate=False) if param is embedding}
     left_out = sorted(set(missing) - tied)
     if left_out or unexpected:
         raise InputError(f"{file}: its tensors do not match a {type(model).__name__} "

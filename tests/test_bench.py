@@ -146,6 +146,7 @@ def defaults_for(device, argv=()):
     args = bench.build_parser().parse_args([*argv])
     args.device = device
     bench.fill_in_defaults(args)
+    bench.skip_slow_half_precision(args)
     return args
 
 
