@@ -3,13 +3,18 @@
     python train.py --mode bitfit
     python train.py --mode bitfit --model bigscience/bloomz-1b1 --data yahma/alpaca-cleaned --limit 1000
     python train.py --resume runs/bitfit --max-steps 500
+    python train.py --config runs/bitfit/train_config.json --lr 5e-4 --output-dir runs/bitfit-lr5e-4
+
+This file turns flags into a TrainConfig and calls bitfit.run.run. The training step itself is
+bitfit/loop.py's train_step; python -m bitfit.walkthrough writes the same step out to read first.
 """
 
 import argparse
 import sys
 
 from bitfit.cli import ArgumentParser, run_main
-from bitfit.config import DEFAULT_LR, DEVICES, DTYPES, MODES, TrainConfig
+from bitfit.config import (DEFAULT_LR, DEVICES, DTYPES, FORMATS, MODES, QUANTIZE, TEMPLATES, TrainConfig,
+                           read_config_file)
 from bitfit.errors import InputError
 
 D = TrainConfig()  # the defaults, shown in --help
@@ -22,12 +27,19 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description="BitFit: fine-tune only the bias terms of a causal LM.",
                             argument_default=argparse.SUPPRESS)
     add = parser.add_argument
+    add("--config", metavar="FILE", help="start from the settings in a JSON or YAML file (a run's "
+                                         "train_config.json is one); flags given here override them")
     add("--mode", choices=MODES, help=f"bitfit trains the biases only; full trains every parameter "
                                       f"(default: {D.mode})")
     add("--model", help="hub id, local folder or .gguf file (default: a built-in tiny GPT-2)")
-    add("--data", help="hub dataset id or a local .json/.jsonl/.csv/.parquet file of alpaca rows "
-                       "(default: a small sample that ships with bitfit)")
+    add("--data", help="hub dataset id or a local .json/.jsonl/.csv/.parquet file of rows in one of the "
+                       "--format formats (default: a small sample of alpaca rows that ships with bitfit)")
     add("--split", help=f"dataset split for hub datasets (default: {D.split})")
+    add("--format", choices=FORMATS, help="the data's format (default: told by its columns: instruction and "
+                                          "output; prompt and completion; messages; conversations)")
+    add("--template", choices=TEMPLATES, help="how prompts are written: the seed's Human: ... Assistant: , or "
+                                              "the tokenizer's chat template (default: chat where the tokenizer "
+                                              "has one, else seed)")
     add("--limit", type=int, help="use only the first N rows")
     add("--max-len", type=int, help=f"tokens per example, prompt included (default: {D.max_len})")
     add("--batch-size", type=int, help=f"examples per micro-batch (default: {D.batch_size})")
@@ -47,6 +59,8 @@ def build_parser() -> ArgumentParser:
     add("--save-every", type=int, help="optimizer steps between resumable checkpoints")
     add("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     add("--output-dir", help="run folder (default: runs/<mode>)")
+    add("--overwrite", action="store_true", help="replace the run already in --output-dir (without it, "
+                                                 "a folder holding a run is refused)")
     add("--device", choices=DEVICES, help=f"(default: {D.device})")
     add("--dtype", choices=DTYPES, help=f"bf16/fp16: half-precision compute under autocast; BitFit "
                                         f"also stores its frozen weights in it (default: {D.dtype})")
@@ -60,15 +74,25 @@ def build_parser() -> ArgumentParser:
     add("--add-biases", action="store_true", help="BitFit on a model without biases (LLaMA, Mistral): "
                                                   "give the Linear layers --bias-terms chooses zero biases "
                                                   "to train")
+    add("--quantize", choices=QUANTIZE, help="BitFit with the frozen weights of the transformer blocks held in "
+                                             "4 bits (NF4, as in QLoRA); embeddings, norms and head keep --dtype")
     return parser
 
 
-def parse_args(argv=None) -> tuple[TrainConfig, dict | None]:
-    """Return the run's settings and, with --resume, the checkpoint to continue from."""
+def parse_args(argv=None) -> tuple[TrainConfig, dict | None, bool]:
+    """Return the run's settings, with --resume the checkpoint to continue from, and --overwrite."""
     given = vars(build_parser().parse_args(argv))
     run_dir = given.pop("resume", None)
+    overwrite = given.pop("overwrite", False)
+    config_file = given.pop("config", None)
+    if run_dir is not None and config_file is not None:
+        raise InputError("--config starts a new run from a file's settings; --resume continues a run with "
+                         "the settings it started with: use one or the other")
     if run_dir is None:
-        return TrainConfig(**given), None
+        from_file = read_config_file(config_file) if config_file is not None else {}
+        return TrainConfig(**{**from_file, **given}), None, overwrite
+    if overwrite:
+        raise InputError("--overwrite starts the run afresh and --resume continues it: give one of them")
 
     from bitfit.resume import load_training_state
 
@@ -80,21 +104,25 @@ def parse_args(argv=None) -> tuple[TrainConfig, dict | None]:
             flag = "--" + key.replace("_", "-")
             raise InputError(f"{flag} {value} differs from the resumed run's {before}; a resumed "
                              f"run keeps its settings (only --max-steps and --epochs may change)")
-    return TrainConfig(**{**saved, **given}), state
+    return TrainConfig(**{**saved, **given}), state, False
 
 
 def main(argv=None) -> None:
-    config, resume_state = parse_args(argv)
+    config, resume_state, overwrite = parse_args(argv)
     from bitfit import distributed  # imported late so that --help and flag errors answer at once
+    from bitfit.compare import compare_command
     from bitfit.model import resolve_device
     from bitfit.run import run
 
     # Under torchrun, join the other ranks (a no-op in a single process).
     world = distributed.setup(resolve_device(config.device))
     try:
-        run(config, resume_state, world=world)
+        run(config, resume_state, world=world, overwrite=overwrite)
     finally:
         distributed.cleanup()
+    command = compare_command(config.output_dir, config.mode)
+    if command is not None and world.is_main:
+        print(f"compare it with the other mode's run: {command}")
 
 
 if __name__ == "__main__":

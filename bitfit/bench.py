@@ -21,7 +21,7 @@ import time
 import traceback
 
 from bitfit.cli import ArgumentParser, run_main
-from bitfit.config import DEVICES, DTYPES, MODES, TrainConfig
+from bitfit.config import DEVICES, DTYPES, MODES, QUANTIZE, TrainConfig
 from bitfit.data import build_example
 from bitfit.errors import InputError, Interrupted
 
@@ -162,6 +162,7 @@ def build_parser() -> ArgumentParser:
     add("--group-by-length", action="store_true", help="passed to training")
     add("--grad-checkpointing", action="store_true", help="passed to training")
     add("--compile", action="store_true", help="passed to training (torch.compile)")
+    add("--quantize", choices=QUANTIZE, help="add BitFit rows with the frozen block weights held in 4 bits")
     add("--seed", type=int, default=SEED, help=argparse.SUPPRESS)
     add("--worker", action="store_true", help=argparse.SUPPRESS)  # run one cell in this process
     return parser
@@ -196,17 +197,29 @@ def check_args(args) -> None:
     positions = arch_positions(args.arch)
     if positions is not None and args.max_len > positions:
         raise InputError(f"--max-len {args.max_len} is longer than {args.arch}'s {positions} positions")
-    for mode in args.modes:  # TrainConfig checks the rest with the flags' own names
-        for dtype in args.dtypes:
-            for batch_size in args.batch_sizes:
-                train_config(args, mode, dtype, batch_size)
+    for dtype, batch_size, mode, quantize in list_runs(args):  # TrainConfig checks the rest
+        train_config(args, mode, dtype, batch_size, quantize)
 
 
-def train_config(args, mode: str, dtype: str, batch_size: int) -> TrainConfig:
+def list_runs(args) -> list[tuple]:
+    """(dtype, micro-batch, mode, quantize) of each run: --quantize adds a BitFit run on the 4-bit
+    base after each BitFit run (full fine-tuning cannot train quantized weights)."""
+    runs = []
+    for dtype in args.dtypes:
+        for batch_size in args.batch_sizes:
+            for mode in args.modes:
+                runs.append((dtype, batch_size, mode, None))
+                if mode == "bitfit" and args.quantize:
+                    runs.append((dtype, batch_size, mode, args.quantize))
+    return runs
+
+
+def train_config(args, mode: str, dtype: str, batch_size: int, quantize: str | None = None) -> TrainConfig:
     return TrainConfig(mode=mode, dtype=dtype, batch_size=batch_size, grad_accum=args.grad_accum,
                        max_len=args.max_len, seed=args.seed, device=args.device,
                        group_by_length=args.group_by_length, grad_checkpointing=args.grad_checkpointing,
-                       compile=args.compile, add_biases=mode == "bitfit" and not arch_has_biases(args.arch))
+                       compile=args.compile, quantize=quantize,
+                       add_biases=mode == "bitfit" and not arch_has_biases(args.arch))
 
 
 def fill_in_defaults(args) -> None:
@@ -281,14 +294,14 @@ def main(argv=None) -> None:
 
 
 def run_benchmark(args) -> list[dict]:
-    runs = [(dtype, batch_size, mode) for dtype in args.dtypes for batch_size in args.batch_sizes
-            for mode in args.modes]
+    runs = list_runs(args)
     results = []
     start = time.perf_counter()
-    for number, (dtype, batch_size, mode) in enumerate(runs, 1):
-        print(f"[{number}/{len(runs)}] {mode} {dtype} micro-batch {batch_size} "
+    for number, (dtype, batch_size, mode, quantize) in enumerate(runs, 1):
+        label = f"{mode} {quantize}" if quantize else mode
+        print(f"[{number}/{len(runs)}] {label} {dtype} micro-batch {batch_size} "
               f"({time.perf_counter() - start:.0f} s so far)", file=sys.stderr, flush=True)
-        result = run_in_fresh_process(args, mode, dtype, batch_size)
+        result = run_in_fresh_process(args, mode, dtype, batch_size, quantize)
         if args.device == "cpu" and not cpu_has_fast_kernels(dtype):
             result["note"] = f"no fast {dtype} kernels on this CPU: slower than fp32"
         print(json.dumps(result), flush=True)  # each line as its run ends, even into a pipe
@@ -297,13 +310,15 @@ def run_benchmark(args) -> list[dict]:
     return results
 
 
-def run_in_fresh_process(args, mode: str, dtype: str, batch_size: int) -> dict:
+def run_in_fresh_process(args, mode: str, dtype: str, batch_size: int, quantize: str | None = None) -> dict:
     command = [sys.executable, "-m", "bitfit.bench", "--worker", "--arch", args.arch, "--modes", mode,
                "--dtypes", dtype, "--batch-sizes", str(batch_size), "--rows", str(args.rows),
                "--warmup-steps", str(args.warmup_steps), "--grad-accum", str(args.grad_accum),
                "--max-len", str(args.max_len), "--device", args.device, "--seed", str(args.seed)]
     if args.peak_tflops is not None:
         command += ["--peak-tflops", str(args.peak_tflops)]
+    if quantize:  # in a worker, --quantize means this run's base
+        command += ["--quantize", quantize]
     command += [flag for flag, on in [("--group-by-length", args.group_by_length),
                                       ("--grad-checkpointing", args.grad_checkpointing),
                                       ("--compile", args.compile)] if on]
@@ -321,12 +336,13 @@ def run_in_fresh_process(args, mode: str, dtype: str, batch_size: int) -> dict:
         return json.loads(lines[-1])
     how = f"was killed by signal {-worker.returncode}" if worker.returncode < 0 else \
         f"exited with status {worker.returncode}"
-    return {**run_identity(args, mode, dtype, batch_size), "error": f"the worker {how} and printed no result"}
+    return {**run_identity(args, mode, dtype, batch_size, quantize),
+            "error": f"the worker {how} and printed no result"}
 
 
-def run_identity(args, mode: str, dtype: str, batch_size: int) -> dict:
-    return {"mode": mode, "arch": args.arch, "dtype": dtype, "micro_batch": batch_size,
-            "added_biases": train_config(args, mode, dtype, batch_size).add_biases,
+def run_identity(args, mode: str, dtype: str, batch_size: int, quantize: str | None = None) -> dict:
+    return {"mode": mode, "quantize": quantize, "arch": args.arch, "dtype": dtype, "micro_batch": batch_size,
+            "added_biases": train_config(args, mode, dtype, batch_size, quantize).add_biases,
             "grad_accum": args.grad_accum, "rows": args.rows, "max_len": args.max_len,
             "warmup_steps": args.warmup_steps, "group_by_length": args.group_by_length,
             "grad_checkpointing": args.grad_checkpointing, "compile": args.compile}
@@ -337,9 +353,9 @@ def run_identity(args, mode: str, dtype: str, batch_size: int) -> dict:
 
 def run_worker(args) -> None:
     mode, dtype, batch_size = args.modes[0], args.dtypes[0], args.batch_sizes[0]
-    identity = run_identity(args, mode, dtype, batch_size)
+    identity = run_identity(args, mode, dtype, batch_size, args.quantize)
     try:
-        result = {**identity, **measure(args, train_config(args, mode, dtype, batch_size))}
+        result = {**identity, **measure(args, train_config(args, mode, dtype, batch_size, args.quantize))}
     except Exception as error:  # a CUDA out-of-memory, say: one failed run, not a failed benchmark
         traceback.print_exc()
         message = (str(error).strip().splitlines() or [""])[0][:300]
@@ -351,14 +367,17 @@ def measure(args, config: TrainConfig) -> dict:
     import torch
 
     from bitfit.loop import train_loop
-    from bitfit.metrics import peak_memory_bytes, peak_rss_bytes, reset_peak_memory, work_done
+    from bitfit.metrics import peak_memory_bytes, peak_rss_bytes, reset_peak_memory, weight_bytes, work_done
     from bitfit.model import resolve_device, weights_dtype
-    from bitfit.run import device_name, prepare_for_training
+    from bitfit.run import build_optimizer, device_name, freeze, place_on_device, set_precision_and_kernels
 
     device = resolve_device(config.device)
     model = build_model(args.arch, weights_dtype(config), device)
     num_params = sum(p.numel() for p in model.parameters())  # tied embedding and head counted once
-    trained_names, optimizer = prepare_for_training(model, config, device)
+    trained_names, masks = freeze(model, config)  # the setup steps of bitfit.run.run, in its order
+    place_on_device(model, config, device)
+    set_precision_and_kernels(model, config, device)
+    optimizer = build_optimizer(model, config, device, no_decay=masks)
     examples = synthetic_examples(args.rows, vocab_size=model.config.vocab_size,
                                   eos_id=model.config.eos_token_id, max_len=config.max_len, seed=args.seed)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
@@ -385,6 +404,7 @@ def measure(args, config: TrainConfig) -> dict:
         "total_params": num_params,
         "trainable_params": sum(model.get_parameter(n).numel() for n in trained_names),
         **work_done(progress),
+        "weight_bytes": weight_bytes(model),
         "peak_allocated_bytes": peak_memory_bytes(device),
         "peak_reserved_bytes": torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None,
         "peak_rss_bytes": peak_rss_bytes(),
@@ -408,7 +428,8 @@ def format_table(results: list[dict], args) -> str:
              "| peak RSS | MFU | train loss | padding |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        mode = f"{r['mode']} (added biases)" if r.get("added_biases") else r["mode"]
+        mode = f"{r['mode']} {r['quantize']}" if r.get("quantize") else r["mode"]
+        mode += " (added biases)" if r.get("added_biases") else ""
         dtype = f"{r['dtype']} (no fast kernels here)" if "note" in r else r["dtype"]
         cells = [mode, dtype, str(r["micro_batch"])]
         if "error" in r:

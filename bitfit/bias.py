@@ -55,7 +55,7 @@ def select_trainable(model: torch.nn.Module, mode: str, bias_terms: str = "all")
         # BitFit's whole idea: weights stay frozen, so autograd computes and stores no
         # gradient for them and AdamW keeps no moments for them; only the biases move.
         param.requires_grad_(mode == "full" or name in chosen)
-    return [name for name, param in model.named_parameters() if param.requires_grad]
+    return list(trainable_parameters(model))
 
 
 def choose_biases(model: torch.nn.Module, bias_terms: str) -> dict[str, dict]:
@@ -232,12 +232,14 @@ def mask_gradients(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> No
     """
     params = dict(model.named_parameters())
     for name, mask in masks.items():
-        keep = mask.to(params[name].device)
-        params[name].register_hook(lambda grad, keep=keep: grad.masked_fill(~keep, 0))
+        # The mask follows the gradient to its device: the model moves there after it is frozen.
+        params[name].register_hook(lambda grad, keep=mask: grad.masked_fill(~keep.to(grad.device), 0))
 
 
-def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [param for param in model.parameters() if param.requires_grad]
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """name -> parameter, for those that train (requires_grad), in the model's order: what the
+    optimizer updates, the step clips and the checkpoint saves. In BitFit, the chosen biases."""
+    return {name: param for name, param in model.named_parameters() if param.requires_grad}
 
 
 def count_parameters(model: torch.nn.Module, masks: dict[str, torch.Tensor] | None = None) -> tuple[int, int]:
@@ -246,10 +248,10 @@ def count_parameters(model: torch.nn.Module, masks: dict[str, torch.Tensor] | No
     A tensor in masks counts only the entries of its slice that train.
     """
     masks = masks or {}
-    named = dict(model.named_parameters())  # unique tensors, as model.parameters() gives them
     trainable = sum(int(masks[name].sum()) if name in masks else p.numel()
-                    for name, p in named.items() if p.requires_grad)
-    return trainable, sum(p.numel() for p in named.values())
+                    for name, p in trainable_parameters(model).items())
+    # named_parameters gives each tensor once, as model.parameters() does: tied weights count once.
+    return trainable, sum(p.numel() for _, p in model.named_parameters())
 
 
 def describe_bias_terms(model: torch.nn.Module, bias_terms: str) -> str:

@@ -2,20 +2,25 @@
 
 Every write goes to a temporary name in the destination folder and is then renamed over the
 target (a rename within one filesystem is atomic), so a crash leaves the old file or the new
-one, never half of one.
+one, never half of one. Trained tensors are checked to be finite before they are written, and
+a write that fails for lack of space or permission raises OSError, whichever library wrote it.
 """
 
 import hashlib
+import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
+from safetensors.torch import save as safetensors_bytes
 
 from bitfit.bias import add_zero_bias, is_added_bias, remove_added_bias
+from bitfit.config import TEMPLATES
 from bitfit.errors import InputError
 
 BIAS_FILE = "bias.safetensors"
@@ -32,9 +37,64 @@ def atomic_write(path: Path, write) -> None:
     try:
         write(temporary)
         os.replace(temporary, path)
+    except OSError as error:
+        error.filename = error.filename or str(path)  # a failed write() names no file; say which
+        raise
     finally:
         if temporary.exists():
             temporary.unlink()
+
+
+def save_torch(obj, path: Path) -> None:
+    """torch.save, atomically. torch reports a failed write (a full disk) as a RuntimeError that
+    hides the cause, so it writes through a file object that keeps the OSError, raised instead."""
+
+    class KeepError(io.RawIOBase):
+        def __init__(self, file):
+            self.file, self.error = file, None
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            try:
+                return self.file.write(data)
+            except OSError as error:
+                self.error = error
+                raise
+
+    def write(temporary):
+        with open(temporary, "wb") as file:
+            sink = KeepError(file)
+            try:
+                torch.save(obj, sink)
+            except RuntimeError:
+                if sink.error is None:
+                    raise
+                raise sink.error from None
+
+    atomic_write(path, write)
+
+
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an inf, if any."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+def refuse_non_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """A diverged run must not leave a file that looks like a result: refuse before writing."""
+    name = first_non_finite(tensors)
+    if name is not None:
+        raise InputError(f"{what}: {name} holds NaN or inf values; nothing was written (try a lower --lr)")
+
+
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_json(path: Path, data) -> None:
@@ -42,25 +102,37 @@ def save_json(path: Path, data) -> None:
 
 
 def save_bias_delta(path: Path, model: torch.nn.Module, names: list[str], base_model: str,
-                    added_biases: list[str] | None = None) -> None:
+                    added_biases: list[str] | None = None, quantized_base: str | None = None,
+                    template: str = "seed", chat_template_hash: str | None = None) -> None:
     """Save the named trained tensors, under their state-dict names, with what they must be paired with.
 
     The metadata (safetensors allows only str -> str) records the base's id or path, the model
     class, each tensor's shape and dtype, and a fingerprint of the frozen weights, so that
     applying the delta to the wrong base is refused rather than silently producing nonsense.
     added_biases lists the tensors the base does not have (--add-biases); by default, those
-    of names that bitfit.bias.add_zero_bias marked.
+    of names that bitfit.bias.add_zero_bias marked. quantized_base ("nf4") says the base was held
+    in 4 bits while the delta trained; the fingerprint is the unquantized base's all the same.
+    template says how the training prompts were written ("seed" or "chat", bitfit.chat), and
+    chat_template_hash which chat template: generate.py prompts the tuned model the same way.
     """
     params = dict(model.named_parameters())
     if added_biases is None:
         added_biases = [name for name in names if is_added_bias(params[name])]
     tensors = {name: params[name].detach().to("cpu", copy=True).contiguous() for name in names}
+    refuse_non_finite(tensors, "the trained biases")
     listing = {name: {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
                for name, tensor in tensors.items()}
     metadata = {"format": DELTA_FORMAT, "base_model": base_model,
                 "model_class": type(model).__name__, "tensors": json.dumps(listing),
                 "base_fingerprint": base_fingerprint(model, names), "added_biases": json.dumps(added_biases)}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    if quantized_base:
+        metadata["quantized_base"] = quantized_base
+    metadata["template"] = template
+    if chat_template_hash:
+        metadata["chat_template_hash"] = chat_template_hash
+    # Serialised in memory (a few MB of biases) and written by Python, so that a full disk raises
+    # OSError, and the file gets the user's umask like every other file of the run.
+    atomic_write(path, lambda tmp: tmp.write_bytes(safetensors_bytes(tensors, metadata=metadata)))
 
 
 def base_fingerprint(model: torch.nn.Module, delta_names) -> str:
@@ -76,14 +148,27 @@ def base_fingerprint(model: torch.nn.Module, delta_names) -> str:
     delta_names = set(delta_names)
     frozen = sorted(((name, param) for name, param in model.named_parameters()
                      if name not in delta_names and not is_added_bias(param)), key=lambda item: item[0])
-    samples = []
-    for _, param in frozen:
-        flat = param.detach().reshape(-1)
-        samples += [flat[:FINGERPRINT_HEAD].to(torch.bfloat16), flat[-1:].to(torch.bfloat16)]
+    modules = dict(model.named_modules())
+    shapes, samples = [], []
+    for name, param in frozen:
+        owner, _, leaf = name.rpartition(".")
+        # A weight held in 4 bits (bitfit.quantize) no longer has the base's values; its layer kept
+        # the sample of the weight it replaced, so the 4-bit base and the plain one match.
+        recorded = getattr(modules[owner], "unquantized_sample", None) if leaf == "weight" else None
+        shape, values = recorded or fingerprint_sample(param)
+        shapes.append([name, shape])
+        samples.append(values.to(param.device))
     values = torch.cat(samples).cpu() if samples else torch.empty(0, dtype=torch.bfloat16)
-    digest = hashlib.sha256(json.dumps([[name, list(param.shape)] for name, param in frozen]).encode())
+    digest = hashlib.sha256(json.dumps(shapes).encode())
     digest.update(values.view(torch.int16).numpy().tobytes())  # numpy has no bfloat16: hash the bits
     return digest.hexdigest()[:16]
+
+
+def fingerprint_sample(tensor: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """What the fingerprint reads from one frozen tensor: its shape, and its first few values and its
+    last, rounded to bfloat16."""
+    flat = tensor.detach().reshape(-1)
+    return list(tensor.shape), torch.cat([flat[:FINGERPRINT_HEAD], flat[-1:]]).to(torch.bfloat16)
 
 
 def find_bias_file(path: str) -> Path:
@@ -106,6 +191,11 @@ def load_bias_delta(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     except (SafetensorError, OSError, ValueError) as error:
         # A truncated file fails here too: its header promises more bytes than the file holds.
         raise InputError(f"{file}: not a readable safetensors file, or a truncated one ({error})") from None
+    try:
+        delta_added_biases(metadata)
+        delta_template(metadata)
+    except InputError as error:
+        raise InputError(f"{file}: {error}") from None
     return tensors, metadata
 
 
@@ -126,6 +216,9 @@ def check_bias_delta(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
     Files written before fingerprints were recorded are checked on names and shapes alone.
     """
     metadata = metadata or {}
+    name = first_non_finite(tensors)
+    if name is not None:
+        raise InputError(f"bias delta tensor {name!r} holds NaN or inf values: the run that wrote it diverged")
     recorded_class = metadata.get("model_class")
     if recorded_class and recorded_class != type(model).__name__:
         raise InputError(f"bias delta was trained on a {recorded_class} "
@@ -192,7 +285,26 @@ def remove_bias_delta(model: torch.nn.Module, previous: dict[str, torch.Tensor |
 
 def delta_added_biases(metadata: dict[str, str] | None) -> list[str]:
     """The delta's tensors that its base does not have: biases --add-biases created."""
-    return json.loads((metadata or {}).get("added_biases", "[]"))
+    text = (metadata or {}).get("added_biases", "[]")
+    try:
+        added = json.loads(text)
+    except json.JSONDecodeError:
+        added = None
+    if not (isinstance(added, list) and all(isinstance(name, str) for name in added)):
+        raise InputError(f"its added_biases metadata is not a JSON list of tensor names: {text[:60]!r}")
+    return added
+
+
+def delta_template(metadata: dict[str, str] | None) -> tuple[str, str | None]:
+    """How the delta's training prompts were written: ("seed", None), or ("chat", the template's hash).
+    Deltas from before templates were recorded trained on the seed's."""
+    metadata = metadata or {}
+    template, digest = metadata.get("template", "seed"), metadata.get("chat_template_hash")
+    if template not in TEMPLATES:
+        raise InputError(f"its template metadata is {template[:20]!r}, not one of {', '.join(TEMPLATES)}")
+    if template == "chat" and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{16}", digest)):
+        raise InputError(f"its chat_template_hash metadata is not 16 hex digits: {str(digest)[:20]!r}")
+    return template, digest if template == "chat" else None
 
 
 def _bias_less_linear(model: torch.nn.Module, name: str) -> torch.nn.Linear | None:
@@ -207,12 +319,29 @@ def _bias_less_linear(model: torch.nn.Module, name: str) -> torch.nn.Linear | No
 def save_model_folder(folder: Path, model, tokenizer) -> None:
     """Write a Hugging Face model folder, replacing any old one only once the new one is whole."""
     folder = Path(folder)
+    refuse_non_finite(dict(model.named_parameters()), "the trained model")
     staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    retired = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    if folder.exists():
-        os.replace(folder, retired)
-    os.replace(staging, folder)
-    shutil.rmtree(retired, ignore_errors=True)
+    try:
+        try:
+            model.save_pretrained(staging)
+        except SafetensorError as error:  # safetensors names a full disk only in its message
+            raise _os_error(error, staging) from None
+        tokenizer.save_pretrained(staging)
+        mode = 0o666 & ~umask()  # safetensors creates its files 0600
+        for file in staging.rglob("*"):
+            if file.is_file():
+                os.chmod(file, mode)
+        retired = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        if folder.exists():
+            os.replace(folder, retired)
+        os.replace(staging, folder)
+        shutil.rmtree(retired, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _os_error(error: Exception, path: Path) -> Exception:
+    """The OSError behind a library's "... (os error 28)", or the error itself."""
+    number = re.search(r"os error (\d+)", str(error))
+    return OSError(int(number.group(1)), os.strerror(int(number.group(1))), str(path)) if number else error

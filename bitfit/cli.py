@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from bitfit.errors import InputError, Interrupted
+from bitfit.errors import TORCHAO_IMPORT_NOISE, InputError, Interrupted, library_logs_silenced
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -16,7 +16,9 @@ class ArgumentParser(argparse.ArgumentParser):
 def run_main(main, argv=None) -> int:
     """Run main(argv); turn InputError into one line on stderr and exit status 2."""
     try:
-        main(argv)
+        # transformers imports torchao whenever it is installed, with or without --quantize.
+        with library_logs_silenced(TORCHAO_IMPORT_NOISE):
+            main(argv)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,19 +1,30 @@
-"""Alpaca rows -> prompt and response tokens -> masked labels -> padded micro-batches.
+"""Rows -> prompt and response tokens -> masked labels -> padded micro-batches.
 
 Each example is a plain dict {"input_ids": [...], "labels": [...]}. Labels are -100 over the
 prompt, so the model is trained to write the response and never to echo the instruction.
+Labels are aligned with input_ids (labels[i] is input_ids[i] or -100); the loss shifts them,
+scoring the logits at position i against labels[i + 1] (bitfit.loss).
+
+An alpaca row under the seed's template (format_prompt, tokenize_example) is the whole story of
+the seed experiment. Other data formats (bitfit.formats) and conversations under the seed's
+template or the tokenizer's chat template (bitfit.chat) come in through tokenize_example too.
 """
 
+import collections.abc
+import hashlib
+import json
 from pathlib import Path
 
 import torch
 
+from bitfit import chat
 from bitfit.errors import InputError, library_logs_silenced
+from bitfit.formats import as_messages, detect_format, normalize_rows
 
 IGNORE_INDEX = -100  # cross_entropy skips targets with this value
-REQUIRED_COLUMNS = ("instruction", "output")
 GROUP_BUCKET = 64  # micro-batches sorted together by --group-by-length
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+TOKENIZE_CHUNK = 1024  # rows per tokenizer call when measuring prompts: bounds its temporary memory
 
 
 def format_prompt(instruction: str, input: str = "") -> str:
@@ -24,22 +35,31 @@ def format_prompt(instruction: str, input: str = "") -> str:
 # ---------------------------------------------------------------------------- loading rows
 
 
-def load_rows(source: str, split: str = "train", limit: int | None = None) -> list[dict]:
-    """Read alpaca rows from a local .json/.jsonl/.csv/.parquet file or a hub dataset id."""
-    dataset = _load_dataset(source, split)
-    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
-    if missing:
-        raise InputError(f"{source}: missing column(s) {', '.join(missing)}; found "
-                         f"{', '.join(dataset.column_names) or 'none'} (expected instruction, "
-                         f"input (optional), output)")
-    if len(dataset) == 0:
+def load_rows(source: str, split: str = "train", limit: int | None = None, format: str | None = None) -> list[dict]:
+    """Read rows from a local .json/.jsonl/.csv/.parquet file or a hub dataset id, in the data format
+    its columns show (or format), each checked and put in its shape (bitfit.formats).
+
+    Only the first `limit` rows are read (a .json list is parsed whole; the other formats stop).
+    """
+    return load_rows_and_format(source, split, limit, format)[0]
+
+
+def load_rows_and_format(source: str, split: str = "train", limit: int | None = None,
+                         format: str | None = None) -> tuple[list[dict], str]:
+    """load_rows, and the data format: the one asked for, or the one the columns show."""
+    rows = _read_rows(source, split, limit)
+    if not rows:
         raise InputError(f"{source}: the data has no rows")
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
-    has_input = "input" in dataset.column_names
-    return [{"instruction": _text(row["instruction"]),
-             "input": _text(row["input"]) if has_input else "",
-             "output": _text(row["output"])} for row in dataset]
+    data_format = format or detect_format(list(rows[0]), source)
+    return normalize_rows(rows, data_format, source), data_format
+
+
+def rows_fingerprint(rows: list[dict]) -> str:
+    """16 hex digits of a sha256 over the rows: a resumed run checks it trains on the same data."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(row, sort_keys=True).encode() + b"\n")
+    return digest.hexdigest()[:16]
 
 
 def split_rows(rows: list[dict], eval_size: float | None, seed: int) -> tuple[list[dict], list[dict]]:
@@ -56,27 +76,27 @@ def split_rows(rows: list[dict], eval_size: float | None, seed: int) -> tuple[li
             [row for i, row in enumerate(rows) if i in held_out])
 
 
-def _text(value) -> str:
-    return "" if value is None else str(value)
-
-
-def _load_dataset(source: str, split: str):
+def _read_rows(source: str, split: str, limit: int | None) -> list[dict]:
     import datasets  # deferred: importing datasets costs a second and is only needed here
 
     datasets.disable_progress_bars()
     path = Path(source)
-    if path.suffix.lower() in LOCAL_FORMATS or path.exists():
-        file_format = _check_local_file(path)
-        try:
-            with library_logs_silenced():
-                return datasets.load_dataset(file_format, data_files=str(path), split="train")
-        except Exception as error:  # datasets wraps parser errors in its own types
-            raise InputError(f"{source}: not a valid {file_format.upper()} file of rows "
-                             f"({_root_cause(error)})") from None
+    local = path.suffix.lower() in LOCAL_FORMATS or path.exists()
+    file_format = _check_local_file(path) if local else None
     try:
         with library_logs_silenced():
-            return datasets.load_dataset(source, split=split)
-    except Exception as error:
+            if local:
+                # Streamed: read afresh from the file, through no cache. The datasets cache knows a
+                # local file by its path and modification time, so it would serve the old rows of a
+                # file rewritten within the same second (or with its time kept).
+                dataset = datasets.load_dataset(file_format, data_files=str(path), split="train", streaming=True)
+            else:
+                dataset = datasets.load_dataset(source, split=split)
+            return list(dataset if limit is None else dataset.take(limit))
+    except Exception as error:  # datasets wraps parser and hub errors in its own types
+        if local:
+            raise InputError(f"{source}: not a valid {file_format.upper()} file of rows "
+                             f"({_root_cause(error)})") from None
         raise InputError(f"could not load dataset {source!r} split {split!r}: it is not a local "
                          f"file and the hub did not provide it ({_root_cause(error)})") from None
 
@@ -102,28 +122,75 @@ def _root_cause(error: BaseException) -> str:
 # ------------------------------------------------------------------ tokenizing and masking
 
 
-def tokenize_rows(rows: list[dict], tokenizer, max_len: int) -> tuple[list[dict], int]:
-    """Turn rows into examples; return them and how many rows were dropped.
+def tokenize_rows(rows: list[dict], tokenizer, max_len: int, template: str = "seed") -> tuple["TokenizedRows", int]:
+    """Turn rows into examples in a prompt format (seed or chat); return them and how many rows were dropped.
 
     A row is dropped when truncation at max_len leaves none of its response: it would have
-    no label tokens, add nothing to training, and make a per-batch mean loss divide by zero.
+    no label tokens and add nothing to training (and a window of only such rows would leave
+    the loss nothing to be divided by). A conversation with no assistant turn is dropped too.
     """
-    if tokenizer.eos_token_id is None:
+    if template == "seed" and tokenizer.eos_token_id is None:
         raise InputError("the tokenizer has no eos token; one is needed to end each response")
-    if not rows:
-        return [], 0
-    prompts = [format_prompt(row["instruction"], row["input"]) for row in rows]
-    responses = [row["output"] for row in rows]
-    # The prompt gets the tokenizer's own special tokens (a BOS where the model expects one),
-    # exactly as at generation time; the response gets none, only the eos we append.
-    prompt_ids = tokenizer(prompts)["input_ids"]
-    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
-    examples = []
-    for prompt, response in zip(prompt_ids, response_ids):
-        example = build_example(prompt, response + [tokenizer.eos_token_id], max_len)
-        if example is not None:
-            examples.append(example)
+    if template == "chat":
+        chat.check_chat_template(tokenizer)
+    examples = TokenizedRows(rows, tokenizer, max_len, template)
     return examples, len(rows) - len(examples)
+
+
+class TokenizedRows(collections.abc.Sequence):
+    """The examples of rows, each tokenized when it is read: until then, the rows stay text.
+
+    Tokenizing every row up front holds every token of the data in memory before the first
+    step, as Python ints (a 145k-row set: gigabytes), even of rows that --max-steps never reaches.
+    Which rows survive max_len follows from their prompts' lengths alone (a row is dropped when
+    its prompt fills max_len), so only those are counted up front, a chunk of rows at a time; the
+    order of the examples and their count are then known, and a step tokenizes the few it takes.
+    """
+
+    def __init__(self, rows: list[dict], tokenizer, max_len: int, template: str = "seed"):
+        self.tokenizer, self.max_len, self.template = tokenizer, max_len, template
+        self.rows = [row for row, length in zip(rows, prompt_lengths(rows, tokenizer, template))
+                     if length is not None and length < max_len]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return tokenize_example(self.rows[index], self.tokenizer, self.max_len, self.template)
+
+
+def prompt_lengths(rows: list[dict], tokenizer, template: str = "seed"):
+    """Yield each row's prompt length in tokens (None: nothing to train), TOKENIZE_CHUNK prompts at a time.
+
+    The prompt is what comes before the first label token, tokenized as tokenize_example does:
+    with the tokenizer's special tokens under seed, without them under chat (the template holds its own).
+    """
+    for start in range(0, len(rows), TOKENIZE_CHUNK):
+        prompts = [prompt_text(row, tokenizer, template) for row in rows[start:start + TOKENIZE_CHUNK]]
+        texts = [prompt for prompt in prompts if prompt is not None]
+        lengths = iter(len(ids) for ids in tokenizer(texts, add_special_tokens=template == "seed")["input_ids"])
+        yield from (None if prompt is None else next(lengths) for prompt in prompts)
+
+
+def prompt_text(row: dict, tokenizer, template: str = "seed") -> str | None:
+    """The text of the row's prompt: everything before its first answer; None when it has none."""
+    if template == "seed" and "messages" not in row:
+        return format_prompt(row["instruction"], row["input"])
+    return chat.first_prompt_text(as_messages(row), tokenizer, template)
+
+
+def tokenize_example(row: dict, tokenizer, max_len: int, template: str = "seed") -> dict | None:
+    """One row's example: its prompt and response tokens, labels masked over the prompt."""
+    if template == "seed" and "messages" not in row:
+        # The prompt gets the tokenizer's own special tokens (a BOS where the model expects one),
+        # exactly as at generation time; the response gets none, only the eos we append.
+        prompt = tokenizer(format_prompt(row["instruction"], row["input"]))["input_ids"]
+        response = tokenizer(row["output"], add_special_tokens=False)["input_ids"]
+        return build_example(prompt, response + [tokenizer.eos_token_id], max_len)
+    # A conversation, or any row under the chat template: several prompts and answers (bitfit.chat).
+    return conversation_example(chat.conversation_pieces(as_messages(row), tokenizer, template, max_len), max_len)
 
 
 def build_example(prompt_ids: list[int], response_ids: list[int], max_len: int) -> dict | None:
@@ -132,6 +199,20 @@ def build_example(prompt_ids: list[int], response_ids: list[int], max_len: int) 
     if all(label == IGNORE_INDEX for label in labels):
         return None
     return {"input_ids": input_ids, "labels": labels}
+
+
+def conversation_example(pieces: list[tuple[list[int], bool]], max_len: int) -> dict | None:
+    """Join (token ids, trained) runs into an example cut at max_len, ending at its last label token.
+
+    What follows the last label teaches nothing, so it is cut too: a conversation cut inside a
+    user turn keeps the whole turns before it, one cut inside an answer keeps the part that fits.
+    """
+    input_ids = [token for ids, _ in pieces for token in ids][:max_len]
+    labels = [token if trained else IGNORE_INDEX for ids, trained in pieces for token in ids][:max_len]
+    while labels and labels[-1] == IGNORE_INDEX:
+        labels.pop()
+        input_ids.pop()
+    return {"input_ids": input_ids, "labels": labels} if labels else None
 
 
 # ------------------------------------------------------------------- batching and collate

@@ -12,14 +12,20 @@ class InputError(Exception):
     """
 
 
+# Logged while torchao is imported (by bitfit.quantize, and by transformers itself whenever torchao
+# is installed): a CPU build's "Failed to load ..._C_cutlass_90a.abi3.so" for CUDA kernels that
+# bitfit never uses, and torch's note on a deprecated pytree registration. Neither concerns a run.
+TORCHAO_IMPORT_NOISE = ("torchao", "torch.utils._pytree")
+
+
 @contextlib.contextmanager
-def library_logs_silenced():
-    """Hush the Hugging Face libraries' own warnings and retries while loading.
+def library_logs_silenced(names=("datasets", "transformers", "huggingface_hub")):
+    """Hush the named libraries' own log lines (by default the Hugging Face ones) for a while.
 
     When a load fails they log their view of it (parser errors, network retries) before
     raising; the user should see one line, ours, which names the file or id they gave.
     """
-    loggers = [logging.getLogger(name) for name in ("datasets", "transformers", "huggingface_hub")]
+    loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.CRITICAL)

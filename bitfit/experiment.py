@@ -4,16 +4,18 @@
 
 The behaviour: answer a short question with one JSON object, {"answer": "..."}, and nothing else.
 SmolLM2-135M-Instruct knows many of the answers (capitals, sums, plurals, chemical symbols) but
-never writes them that way: asked "What is the capital of France?" it says "The answer is: Paris."
-and carries on. bitfit/assets/json_answers_train.json teaches the format on 158 questions;
-json_answers_held_out.json holds 42 others of the same kinds, never trained on.
+never writes them that way: asked "What is the capital of France?" it says "The capital of France
+is Paris." bitfit/assets/json_answers_train.json teaches the format on 158 questions;
+json_answers_held_out.json holds 42 others of the same kinds, never trained on. Questions are put
+through the model's own chat template (the seed's template for a tokenizer without one).
 
 Each run trains from the same base with train.py, in a fresh process (so that its peak memory is
 its own): BitFit on all the biases --add-biases creates and full fine-tuning, for one epoch and for
-three; BitFit at a larger learning rate; BitFit on subsets of the biases. Then every model answers the held-out questions (greedy), and a program checks each
-reply: is it one JSON object with the one key "answer" and nothing else (the behaviour), and does it
-say the right answer (in any format, so the base is judged too). The table reports, per run:
-trained parameters, seconds, peak memory, held-out loss and those two shares, before and after.
+three; BitFit at a larger learning rate; BitFit on subsets of the biases. Then every model answers
+the held-out questions (greedy), and a program checks each reply: is it one JSON object with the
+one key "answer" and nothing else (the behaviour), and does it say the right answer (in any format,
+so the base is judged too). The table reports, per run: trained parameters, seconds, peak memory,
+held-out loss and those two shares, before and after.
 """
 
 import contextlib
@@ -69,21 +71,25 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    from bitfit.chat import choose_template
     from bitfit.checkpoint import save_json
     from bitfit.model import load_model_and_tokenizer
 
     output_dir = Path(args.output_dir)
     model, tokenizer = load_model_and_tokenizer(args.model)  # the base: also checks --model before training
-    summaries = {name: train(name, args, output_dir / name) for name in args.runs}
+    # The model's own chat template where it has one (an instruct model is asked the way it was
+    # taught), in training and in answering alike.
+    template = choose_template(None, tokenizer)
+    summaries = {name: train(name, args, template, output_dir / name) for name in args.runs}
 
     held_out = read_rows(HELD_OUT_DATA)
     print(f"answering the {len(held_out)} held-out questions", file=sys.stderr, flush=True)
-    base = score(model, tokenizer, held_out, args.device)
+    base = score(model, tokenizer, held_out, template, args.device)
     results = {}
     for name in args.runs:
         with tuned(model, output_dir / name) as tuned_model:
-            results[name] = {**summaries[name], **score(tuned_model, tokenizer, held_out, args.device)}
-    report = {"model": args.model, "held_out": held_out, "base": base, "runs": results}
+            results[name] = {**summaries[name], **score(tuned_model, tokenizer, held_out, template, args.device)}
+    report = {"model": args.model, "template": template, "held_out": held_out, "base": base, "runs": results}
     save_json(output_dir / "results.json", report)
     print(format_table(report))
     print()
@@ -93,12 +99,13 @@ def main(argv=None) -> None:
 # ------------------------------------------------------------------ training: train.py, one process a run
 
 
-def train(name: str, args, run_dir: Path) -> dict:
+def train(name: str, args, template: str, run_dir: Path) -> dict:
     """Train one run with train.py in a fresh process; return the figures of its summary."""
     flags, epochs = RUNS[name]
     command = [sys.executable, str(ROOT / "train.py"), "--model", args.model, "--data", str(TRAIN_DATA),
-               "--epochs", str(epochs), "--batch-size", "8", "--grad-accum", "1", "--max-len", "64",
-               "--seed", "0", "--device", args.device, "--output-dir", str(run_dir), *flags]
+               "--template", template, "--epochs", str(epochs), "--batch-size", "8", "--grad-accum", "1",
+               "--max-len", "64", "--seed", "0", "--device", args.device, "--output-dir", str(run_dir),
+               "--overwrite", *flags]
     print(f"+ {' '.join(command[1:])}", file=sys.stderr, flush=True)
     done = subprocess.run(command, stdout=subprocess.DEVNULL)
     if done.returncode != 0:
@@ -135,7 +142,7 @@ def read_rows(path: Path) -> list[dict]:
     return json.loads(path.read_text())
 
 
-def score(model, tokenizer, rows: list[dict], device: str) -> dict:
+def score(model, tokenizer, rows: list[dict], template: str, device: str) -> dict:
     """Held-out loss (token-weighted, as in training) and the greedy answers, checked."""
     from bitfit.config import TrainConfig
     from bitfit.data import tokenize_rows
@@ -145,10 +152,10 @@ def score(model, tokenizer, rows: list[dict], device: str) -> dict:
 
     device = resolve_device(device)
     model.to(device)
-    examples, _ = tokenize_rows(rows, tokenizer, max_len=64)
+    examples, _ = tokenize_rows(rows, tokenizer, max_len=64, template=template)
     loss = evaluate(model, examples, TrainConfig(batch_size=8), pad_token_id(tokenizer), device)
     answers = generate_answers(model, tokenizer, [(row["instruction"], row["input"]) for row in rows],
-                               max_new_tokens=MAX_NEW_TOKENS, batch_size=8)
+                               max_new_tokens=MAX_NEW_TOKENS, batch_size=8, template=template)
     expected = [json.loads(row["output"])["answer"] for row in rows]
     return {"held_out_loss": loss,
             "json_share": sum(json_answer(answer) is not None for answer in answers) / len(rows),

@@ -2,8 +2,8 @@
 
     python -m bitfit.export --bias runs/bitfit --out runs/bitfit/merged
 
-The folder (weights with the tuned biases in place, config, tokenizer) loads with
-AutoModelForCausalLM.from_pretrained and needs neither bitfit nor the delta to run.
+The folder (weights with the tuned biases in place, config, tokenizer with its chat template)
+loads with AutoModelForCausalLM.from_pretrained and needs neither bitfit nor the delta to run.
 
 A delta with biases that --add-biases created needs an architecture whose config can switch
 those biases on (LLaMA's attention_bias and mlp_bias); where none can, export refuses.
@@ -27,16 +27,19 @@ def parse_args(argv=None):
     add = parser.add_argument
     add("--model", help="base model: hub id, folder or .gguf file (default: the base recorded in the delta)")
     add("--bias", required=True, help="a run folder holding bias.safetensors, or the file itself")
-    add("--out", required=True, help="the model folder to write")
+    add("--out", required=True, help="the model folder to write (new or empty)")
+    add("--overwrite", action="store_true", help="replace --out even though it holds files")
     add("--force", action="store_true",
-        help="merge even though the delta's recorded base fingerprint differs from this base's")
+        help="merge even though the delta's recorded base fingerprint, or chat template, differs from this base's")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    from bitfit.chat import has_chat_template
     from bitfit.checkpoint import (apply_bias_delta, delta_added_biases, load_bias_delta, recorded_base,
                                    save_model_folder)
+    from bitfit.inference import prompt_template
     from bitfit.model import load_model_and_tokenizer
 
     tensors, metadata = load_bias_delta(args.bias)
@@ -44,16 +47,33 @@ def main(argv=None) -> None:
     if model_name is None:
         raise InputError(f"{args.bias}: the delta does not record its base model; name it with --model")
     out = Path(args.out)
-    _check_out_folder(out, model_name)
+    _check_out_folder(out, model_name, args.overwrite)
     model, tokenizer = load_model_and_tokenizer(model_name)
     try:
         apply_bias_delta(model, tensors, metadata, force=args.force)
     except InputError as error:
         raise InputError(f"{args.bias}: {error} (this base: {model_name})") from None
+    # The folder keeps the tokenizer's chat template, so it must be the one the delta trained through.
+    template = prompt_template(tokenizer, [metadata], force=args.force)
     flags = hold_added_biases(model, delta_added_biases(metadata)) if delta_added_biases(metadata) else []
     save_model_folder(out, model, tokenizer)
     note = f" (config: {', '.join(f'{flag}=True' for flag in flags)}, for the added biases)" if flags else ""
     print(f"wrote {out}: {model_name} with the {len(tensors)} bias tensors of {args.bias} merged in{note}")
+    if template == "seed" and has_chat_template(tokenizer):
+        print("note: the delta trained on the seed's prompts (Human: ... Assistant: ), not through the chat "
+              "template the folder's tokenizer carries; prompt it the seed's way")
+
+
+def merge_bias_delta(model, tensors: dict, metadata: dict | None = None, force: bool = False) -> list[str]:
+    """Put a delta into model for good, as main does, so that save_model_folder writes an ordinary
+    model folder: check and apply it (bitfit.checkpoint.apply_bias_delta), then switch on the config
+    flags that give the biases --add-biases created a place in the folder; return those flags.
+    """
+    from bitfit.checkpoint import apply_bias_delta, delta_added_biases
+
+    apply_bias_delta(model, tensors, metadata, force=force)
+    added = delta_added_biases(metadata)
+    return hold_added_biases(model, added) if added else []
 
 
 def hold_added_biases(model, added: list[str]) -> list[str]:
@@ -98,14 +118,17 @@ def hold_added_biases(model, added: list[str]) -> list[str]:
     return switched
 
 
-def _check_out_folder(out: Path, model_name: str) -> None:
-    """Replace an earlier export, but never the base itself or a folder that is not a model."""
+def _check_out_folder(out: Path, model_name: str, overwrite: bool) -> None:
+    """Before the model loads: a folder that can be written, never the base itself, and one that
+    holds nothing unless --overwrite (which still writes a new folder and swaps it in whole)."""
+    from bitfit.rundir import check_output_path
+
+    check_output_path(out, "--out")
     if out.exists() and out.resolve() == Path(model_name).expanduser().resolve():
         raise InputError(f"--out {out} is the base model's own folder; choose another")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file; it must be a folder to write")
-    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise InputError(f"--out {out} holds files but no model; choose a new or empty folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"--out {out} holds files; choose a new or empty folder, or pass --overwrite to "
+                         f"replace it")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,22 @@
-"""The causal-LM loss as a sum over label tokens, so the caller chooses the normaliser.
+"""The causal-LM loss as a sum over label tokens, so that the caller chooses the normaliser.
 
-The language-model head is the widest layer of a small LM (bloomz-1b1: 1536 -> 250,880, a third
-of its parameters), and most positions of an instruction example are prompt or padding, whose
-logits the loss never looks at. So the head runs only where a label is, and in chunks small
-enough that one chunk's fp32 logits are all that exist at any moment.
+The definition is loss_sum_from_logits, first below: the model's logits at each position predict
+the next token, so logits[:, :-1] are scored against labels[:, 1:], and every label of -100
+(prompt, padding) is skipped. The training step divides this sum by the label tokens of its
+whole accumulation window (bitfit.loop.train_step).
+
+What a run executes is causal_lm_loss_sum, a faster path to the same number. The language-model
+head is the widest layer of a small LM (bloomz-1b1: 1536 -> 250,880, a third of its parameters),
+and most positions of an instruction example are prompt or padding, whose logits the loss never
+looks at. So the head runs only where a label is, in chunks small enough that one chunk's fp32
+logits are all that exist at any moment, and a frozen head (BitFit's) works out its gradient in
+the forward pass (FrozenHeadLossSum). The fast path equals the definition in value and in
+gradient, to float rounding. The tests that prove it:
+    test_precision_and_speed.py::test_head_on_label_positions_only_matches_the_full_head
+        (a frozen head and a trained one, one chunk and many, with and without grad)
+    test_precision_and_speed.py::test_frozen_head_loss_matches_the_full_head_in_bf16
+    test_walkthrough.py::test_walkthrough_step_equals_train_loop (a whole optimizer step)
+and test_a_frozen_head_holds_one_chunk_of_logits_at_a_time, that only one chunk lives at a time.
 """
 
 import torch
@@ -12,7 +25,12 @@ from torch.utils.checkpoint import checkpoint
 
 from bitfit.data import IGNORE_INDEX
 
-HEAD_CHUNK_BYTES = 64 * 2**20  # fp32 logits per chunk: 66 positions of bloomz's 250,880-wide vocabulary
+
+def loss_sum_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The definition: the sum of next-token cross-entropies, from the model's full logits."""
+    vocab = logits.size(-1)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def label_token_count(labels: torch.Tensor) -> int:
@@ -20,8 +38,14 @@ def label_token_count(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+# ------------------------------------------------------------------- the fast path
+
+HEAD_CHUNK_BYTES = 64 * 2**20  # fp32 logits per chunk: 66 positions of bloomz's 250,880-wide vocabulary
+
+
 def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token cross-entropies over every position whose label is not -100."""
+    """The forward pass and loss_sum_from_logits(model(...).logits, labels), with the head applied
+    only at label positions."""
     if not head_is_plain_linear(model):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return loss_sum_from_logits(logits, batch["labels"])
@@ -89,13 +113,6 @@ def chunks(length: int, size: int):
 
 def _head_loss_sum(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
-
-
-def loss_sum_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The plain way, from the model's full logits: the reference the fast path must match."""
-    vocab = logits.size(-1)
-    return F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), labels[:, 1:].reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def head_is_plain_linear(model) -> bool:

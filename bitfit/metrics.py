@@ -22,6 +22,19 @@ def peak_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes the model's parameters and buffers occupy (tied tensors once); a weight held in 4 bits
+    (bitfit.quantize) counts what it stores: its codes, scales and constants."""
+    return sum(tensor_bytes(tensor) for tensor in [*model.parameters(), *model.buffers()])
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    if hasattr(type(tensor), "__tensor_flatten__"):  # a tensor subclass such as torchao's NF4Tensor
+        inner, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in inner)
+    return tensor.numel() * tensor.element_size()
+
+
 def peak_rss_bytes() -> int:
     """The process's peak resident memory over its whole life (loading included); Linux reports KiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -35,7 +48,7 @@ def work_done(progress: dict) -> dict:
         "samples": progress["samples"],
         "tokens": progress["tokens"],
         "label_tokens": progress["label_tokens"],
-        "padding_fraction": 1 - progress["tokens"] / progress["padded_tokens"],
+        "padding_fraction": 1 - progress["tokens"] / progress["tokens_with_padding"],
         # Token-weighted over the run, like each step's loss: total loss / total label tokens.
         "train_loss": progress["loss_sum"] / progress["label_tokens"],
         "seconds": seconds,
@@ -76,6 +89,13 @@ def gib(num_bytes: int | None) -> str:
     return "n/a" if num_bytes is None else f"{num_bytes / 2**30:.2f} GiB"
 
 
+def readable_bytes(num_bytes: int | None) -> str:
+    """GiB, or MiB below one GiB (a tiny model's weights would read 0.00 GiB)."""
+    if num_bytes is None or num_bytes >= 2**30:
+        return gib(num_bytes)
+    return f"{num_bytes / 2**20:.1f} MiB"
+
+
 def format_summary(summary: dict) -> str:
     """The summary as a short two-column table."""
     rows = [
@@ -90,6 +110,8 @@ def format_summary(summary: dict) -> str:
         ("time", f"{summary['seconds']:.1f} s"),
         ("throughput", f"{summary['samples_per_s']:.2f} samples/s, "
                        f"{summary['tokens_per_s']:,.0f} tokens/s"),
+        ("weights", readable_bytes(summary["weight_bytes"]) + (f" ({summary['quantize']} blocks)"
+                                                               if summary["quantize"] else "")),
         ("peak GPU memory", gib(summary["peak_memory_bytes"])),
         ("peak RSS", gib(summary["peak_rss_bytes"])),
         ("device", summary["device"]),

@@ -3,11 +3,12 @@
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from bitfit.config import ASSETS, DEFAULT_MODEL
 from bitfit.errors import InputError, library_logs_silenced
 from bitfit.fetch import missing_model_hint
-from bitfit.gguf_file import is_gguf_source, load_gguf_model_and_tokenizer
+from bitfit.gguf_file import gguf_config, is_gguf_source, load_gguf_model_and_tokenizer
 
 TINY_GPT2_DIR = ASSETS / "tiny-gpt2"
 TINY_GPT2_SEED = 0
@@ -21,7 +22,7 @@ def weights_dtype(config) -> torch.dtype:
 
     BitFit never updates its weights, so with bf16/fp16 they are stored in that half
     precision: half the memory, and the autocast forward uses them as they are. The biases
-    are kept in fp32 (see bitfit.run.prepare_for_training), since an update of 1e-5 to a bias
+    are kept in fp32 (see bitfit.run.set_precision_and_kernels), since an update of 1e-5 to a bias
     of 0.5 would vanish in bf16, whose 8-bit mantissa resolves only ~0.4% steps. Full
     fine-tuning updates every weight, so it keeps them all in fp32 and only computes in half
     precision under autocast (classic mixed precision).
@@ -103,10 +104,35 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype = torch.float32):
             tokenizer = transformers.AutoTokenizer.from_pretrained(name)
             # Ask for the dtype explicitly: many hub checkpoints are stored in fp16/bf16.
             model = transformers.AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    except (OSError, ValueError, KeyError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"could not load model {name!r}: {first_line}") from None
+    except (OSError, ValueError, KeyError, SafetensorError) as error:  # SafetensorError: a truncated file
+        raise InputError(f"could not load model {name!r}: {_first_line(error)}") from None
     return model, tokenizer
+
+
+def position_limit(name: str) -> int | None:
+    """The most tokens the model reads at once, from its config, before any weight loads.
+
+    None where the config names no limit (BLOOM's ALiBi attention has no position table).
+    """
+    import transformers
+
+    if name == DEFAULT_MODEL:
+        name = str(TINY_GPT2_DIR)
+    elif is_gguf_source(name):
+        return getattr(gguf_config(name), "max_position_embeddings", None)
+    else:
+        _check_model_source(name)
+    try:
+        with library_logs_silenced():
+            config = transformers.AutoConfig.from_pretrained(name)
+    except (OSError, ValueError, KeyError) as error:
+        raise InputError(f"could not load model {name!r}: {_first_line(error)}") from None
+    # GPT-2 calls it n_positions; its config maps max_position_embeddings onto that.
+    return getattr(config, "max_position_embeddings", None)
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _check_model_source(name: str) -> None:

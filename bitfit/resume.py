@@ -2,19 +2,31 @@
 
 A checkpoint holds the trainable tensors (in BitFit, the biases: a few MB whatever the model
 size), the optimizer's moments, the progress counters and the random-number state. The frozen
-weights are not in it: they are reloaded from the base model, which never changes.
+weights are not in it: they are reloaded from the base model, so the progress also records
+fingerprints of the base and of the data, and a resumed run refuses to go on if either changed.
+
+The training loop calls save_checkpoint_if_due after every optimizer step, inside StopOnCtrlC:
+a checkpoint is written every --save-every steps, and when Ctrl-C asks the run to stop.
 """
 
+import dataclasses
 import random
+import signal
+import threading
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from bitfit.checkpoint import atomic_write
-from bitfit.errors import InputError
+from bitfit.bias import trainable_parameters
+from bitfit.checkpoint import refuse_non_finite, save_torch
+from bitfit.config import TrainConfig
+from bitfit.distributed import any_rank
+from bitfit.errors import InputError, Interrupted
+from bitfit.rundir import CHECKPOINT_FILE, find_checkpoint
 
-CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = "bitfit-checkpoint/1"
+CHECKPOINT_KEYS = ("config", "trainable", "optimizer", "progress", "rng")
 
 
 def save_training_state(output_dir, model, optimizer, config, progress: dict) -> None:
@@ -22,7 +34,7 @@ def save_training_state(output_dir, model, optimizer, config, progress: dict) ->
         "format": CHECKPOINT_FORMAT,
         "config": config.to_dict(),
         "trainable": {name: param.detach().to("cpu", copy=True)
-                      for name, param in model.named_parameters() if param.requires_grad},
+                      for name, param in trainable_parameters(model).items()},
         # The learning-rate schedule needs no state of its own: it is a function of the step.
         "optimizer": optimizer.state_dict(),
         "progress": dict(progress),
@@ -31,17 +43,13 @@ def save_training_state(output_dir, model, optimizer, config, progress: dict) ->
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
-    atomic_write(Path(output_dir) / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
+    refuse_non_finite(state["trainable"], f"checkpoint at optimizer step {progress['step']}")
+    save_torch(state, Path(output_dir) / CHECKPOINT_FILE)
 
 
 def load_training_state(run_dir: str) -> dict:
-    folder = Path(run_dir)
-    if not folder.is_dir():
-        raise InputError(f"--resume {run_dir}: no such run folder")
-    path = folder / CHECKPOINT_FILE
-    if not path.is_file():
-        raise InputError(f"--resume {run_dir}: no {CHECKPOINT_FILE} in it; a run writes one with "
-                         f"--save-every N or when stopped with Ctrl-C")
+    """The checkpoint --resume RUN_DIR continues from (see bitfit.rundir.find_checkpoint), checked."""
+    path = find_checkpoint(run_dir)
     try:
         # weights_only: a checkpoint is data (tensors, numbers, strings), never code to run.
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -49,18 +57,92 @@ def load_training_state(run_dir: str) -> dict:
         raise InputError(f"{path}: not a readable bitfit checkpoint ({type(error).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{path}: not a bitfit checkpoint")
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state.get(key), dict)]
+    if "rng" not in missing:
+        missing += [f"rng.{key}" for key in ("torch", "python", "cuda") if key not in state["rng"]]
+    if missing:
+        raise InputError(f"{path}: a damaged bitfit checkpoint: it has no {', '.join(missing)}")
+    # Runs from before --format and --template read alpaca rows through the seed's template.
+    state["config"] = {"format": "alpaca", "template": "seed", **state["config"]}
+    unknown = sorted(set(state["config"]) - {field.name for field in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise InputError(f"{path}: unknown setting(s) {', '.join(unknown)} (written by another version of "
+                         f"bitfit?)")
     return state
+
+
+def refuse_changed_inputs(progress: dict, fingerprints: dict, run_dir: str) -> None:
+    """--resume continues on the rows and the base the run started from, or not at all.
+
+    fingerprints holds the ones known so far (the data's before the model loads, then the base's);
+    a checkpoint from before fingerprints were recorded is not checked.
+    """
+    recorded = progress.get("fingerprints") or {}
+    changed = {"data": ("the training data (its rows differ)", "--data"),
+               "base": ("the base model (its weights differ)", "--model")}
+    for what, actual in fingerprints.items():
+        if recorded.get(what) not in (None, actual):
+            description, flag = changed[what]
+            raise InputError(f"--resume {run_dir}: {description} changed since the run started (fingerprint "
+                             f"{recorded[what]}, now {actual}); resume with the same {flag}, or start a new run")
 
 
 def restore_training_state(state: dict, model, optimizer) -> dict:
     """Load the tensors, optimizer and RNG state into a freshly set-up run; return its progress."""
     params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in state["trainable"].items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
+    try:
+        with torch.no_grad():
+            for name, tensor in state["trainable"].items():
+                params[name].copy_(tensor)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as error:  # a damaged or forged checkpoint
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise InputError(f"the checkpoint does not fit this run ({type(error).__name__}: {first_line})") from None
     if state["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return dict(state["progress"])
+    progress = dict(state["progress"])
+    if "padded_tokens" in progress:  # the name of tokens_with_padding in checkpoints written before it
+        progress["tokens_with_padding"] = progress.pop("padded_tokens")
+    return progress
+
+
+def save_checkpoint_if_due(model, optimizer, config, progress: dict, *, total_steps: int, ctrl_c, device,
+                           world, checkpoint_dir=None) -> None:
+    """After an optimizer step: write checkpoint.pt every --save-every steps and at the last step,
+    or when Ctrl-C was pressed, and then stop the run with Interrupted.
+
+    It goes in checkpoint_dir (the run's staging folder, see bitfit.rundir), by default config.output_dir.
+    """
+    step = progress["step"]
+    last_step = step == total_steps
+    stop = any_rank(ctrl_c.pressed, device)  # every rank stops at the same step
+    save = stop or (config.save_every and (step % config.save_every == 0 or last_step))
+    if save and world.is_main:  # the ranks hold the same state: one copy is enough
+        save_training_state(checkpoint_dir or config.output_dir, model, optimizer, config, progress)
+    if stop and not last_step:
+        raise Interrupted(f"checkpoint saved at optimizer step {step} of {total_steps} in "
+                          f"{config.output_dir}; continue with: python train.py --resume "
+                          f"{config.output_dir}")
+
+
+class StopOnCtrlC:
+    """While training, Ctrl-C asks for a stop after the current step (with a checkpoint);
+    a second Ctrl-C stops at once."""
+
+    def __enter__(self):
+        self.pressed = False
+        self.active = threading.current_thread() is threading.main_thread()  # signals need it
+        if self.active:
+            self.previous = signal.signal(signal.SIGINT, self._on_ctrl_c)
+        return self
+
+    def _on_ctrl_c(self, signum, frame):
+        self.pressed = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        tqdm.write("Ctrl-C: stopping after this step and saving a checkpoint (press again to quit now)")
+
+    def __exit__(self, *exc_info):
+        if self.active:
+            signal.signal(signal.SIGINT, self.previous)

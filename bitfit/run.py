@@ -1,34 +1,46 @@
-"""A training run from settings to files: load, freeze, build the optimizer, loop, save.
+"""A training run from settings to files: load, freeze, place, set precisions, build the optimizer, loop, save.
 
-Everything that can be wrong with the user's input (data, model, flags) is checked before
-the run folder is touched, so a bad command never overwrites an earlier run's files.
+Everything that can be wrong with the user's input (flags, output folder, data, the model's
+position limit) is checked before the model loads, and the run writes into a staging folder
+that replaces the run folder only once it has succeeded (bitfit.rundir), so a failed run never
+changes an earlier run's files.
+
+The model's setup is four steps that run() calls in order, each a function below: freeze
+(what trains), place_on_device (where it lives; 4-bit weights with --quantize), set_precision_and_kernels
+(how it computes), build_optimizer (what updates it).
 """
 
+import dataclasses
 import platform
 import textwrap
-from pathlib import Path
 
 import torch
 
 from bitfit.bias import (add_biases, count_parameters, describe_bias_terms, describe_counts, mask_gradients,
                          partly_trained, select_trainable, trainable_parameters)
-from bitfit.checkpoint import BIAS_FILE, save_bias_delta, save_json, save_model_folder
+from bitfit.checkpoint import BIAS_FILE, base_fingerprint, save_bias_delta, save_json, save_model_folder
 from bitfit.config import TrainConfig
-from bitfit.data import load_rows, split_rows, tokenize_rows
+from bitfit.chat import chat_template_hash, choose_template
+from bitfit.data import load_rows_and_format, rows_fingerprint, split_rows, tokenize_rows
+from bitfit.formats import has_answer
 from bitfit.distributed import SINGLE, gather_objects
-from bitfit.errors import InputError
-from bitfit.loop import count_optimizer_steps, train_loop
+from bitfit.errors import InputError, Interrupted
+from bitfit.loop import count_optimizer_steps, new_progress, train_loop
 from bitfit.metrics import (MetricsLog, format_summary, peak_memory_bytes, peak_rss_bytes, perplexity,
-                            reset_peak_memory, work_done)
+                            reset_peak_memory, weight_bytes, work_done)
 from bitfit.model import (fuse_tanh_gelu, keep_norms_in_fp32, load_model_and_tokenizer, pad_token_id,
-                          prefer_eager_attention_on_cpu, resolve_device, weights_dtype)
-from bitfit.resume import restore_training_state
+                          position_limit, prefer_eager_attention_on_cpu, resolve_device, weights_dtype)
+from bitfit.quantize import describe_quantized, quantize_frozen_weights
+from bitfit.resume import refuse_changed_inputs, restore_training_state
+from bitfit.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, RunFolder
 
 
-def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=SINGLE) -> dict:
+def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=SINGLE,
+        overwrite: bool = False) -> dict:
     """Train as config says (continuing from resume_state if given), write the run folder,
     and return the summary.
 
+    A run folder that holds a run is replaced only with overwrite (or continued with resume_state).
     Under torchrun (world from bitfit.distributed.setup) every rank calls this; only rank 0
     logs and writes files.
     """
@@ -37,75 +49,117 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=
         device = torch.device("cuda", world.local_rank)
     if not world.is_main:
         log = lambda message: None  # noqa: E731
-    rows = load_rows(config.data, config.split, config.limit)
-    train_rows, eval_rows = split_rows(rows, config.eval_size, config.seed)
-    # Both modes start from the same fresh pretrained weights: never chain one mode's result
-    # into the other, or the comparison measures the chain rather than the method.
-    model, tokenizer = load_model_and_tokenizer(config.model, weights_dtype(config))
-    examples, dropped = tokenize_rows(train_rows, tokenizer, config.max_len)
-    eval_examples, eval_dropped = tokenize_rows(eval_rows, tokenizer, config.max_len)
-    if not examples:
-        raise InputError(f"every one of the {len(train_rows)} training rows was dropped: no response "
-                         f"token fits in --max-len {config.max_len}; raise --max-len")
-    if eval_rows and not eval_examples:
-        raise InputError(f"every one of the {len(eval_rows)} held-out rows was dropped by --max-len "
-                         f"{config.max_len}; raise --max-len or --eval-size")
-    log(textwrap.fill("settings: " + "  ".join(f"{key}={value}" for key, value in config.to_dict().items()),
-                      width=100, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False))
-    if dropped or eval_dropped:
-        log(f"dropped {dropped + eval_dropped} of {len(rows)} rows: their response did not fit in "
-            f"--max-len {config.max_len}")
+    with RunFolder(config.output_dir, writer=world.is_main, log=log) as folder:
+        folder.open(overwrite=overwrite, resuming=resume_state is not None)
+        rows, data_format = load_rows_and_format(config.data, config.split, config.limit, config.format)
+        fingerprints = {"data": rows_fingerprint(rows)}
+        if resume_state is not None:
+            refuse_changed_inputs(resume_state["progress"], fingerprints, config.output_dir)
+        config = fit_max_len_to_model(config, log)
+        train_rows, eval_rows = split_rows(rows, config.eval_size, config.seed)
+        # Both modes start from the same fresh pretrained weights: never chain one mode's result
+        # into the other, or the comparison measures the chain rather than the method.
+        model, tokenizer = load_model_and_tokenizer(config.model, weights_dtype(config))
+        fingerprints["base"] = base_fingerprint(model, ())  # every weight, before any trains
+        if resume_state is not None:
+            refuse_changed_inputs(resume_state["progress"], fingerprints, config.output_dir)
+        # The data and prompt formats as resolved, so that train_config.json says what ran.
+        config = dataclasses.replace(config, format=data_format, template=choose_template(config.template, tokenizer))
+        examples, dropped = tokenize_rows(train_rows, tokenizer, config.max_len, config.template)
+        eval_examples, eval_dropped = tokenize_rows(eval_rows, tokenizer, config.max_len, config.template)
+        if not any(has_answer(row) for row in train_rows):
+            raise InputError(f"none of the {len(train_rows)} training rows has an assistant turn: there is nothing "
+                             f"to train on")
+        if not examples:
+            raise InputError(f"every one of the {len(train_rows)} training rows was dropped: no response "
+                             f"token fits in --max-len {config.max_len}; raise --max-len")
+        if eval_rows and not eval_examples:
+            raise InputError(f"every one of the {len(eval_rows)} held-out rows was dropped by --max-len "
+                             f"{config.max_len}; raise --max-len or --eval-size")
+        log(textwrap.fill("settings: " + "  ".join(f"{key}={value}" for key, value in config.to_dict().items()),
+                          width=100, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False))
+        if dropped or eval_dropped:
+            unanswered = sum(not has_answer(row) for row in rows)
+            too_long = dropped + eval_dropped - unanswered
+            reasons = ([f"{unanswered} have no assistant turn"] if unanswered else []) + (
+                [f"{too_long} had their response cut away by --max-len {config.max_len}"] if too_long else [])
+            log(f"dropped {dropped + eval_dropped} of {len(rows)} rows: {'; '.join(reasons)}")
 
-    # Dropout (each rank its own masks); the data order has its own seeded generator.
-    torch.manual_seed(config.seed + world.rank)
-    trained_names, optimizer = prepare_for_training(model, config, device)
-    masks = {}
-    if config.mode == "bitfit":
-        log(describe_bias_terms(model, config.bias_terms))
-        masks = partly_trained(model, config.bias_terms)
-    trainable, total = count_parameters(model, masks)  # a fused bias counts only its trained slice
-    log(describe_counts(trainable, total))
-    progress = None
-    if resume_state is not None:
-        progress = restore_training_state(resume_state, model, optimizer)
-        total_steps = count_optimizer_steps(len(examples), config, world.world_size)
-        if progress["step"] >= total_steps:
-            raise InputError(f"the run in {config.output_dir} already reached step {progress['step']} "
-                             f"of {total_steps}; pass a larger --max-steps or --epochs to extend it")
-        log(f"resuming at optimizer step {progress['step']} of {total_steps}")
-
-    output_dir = Path(config.output_dir)
-    metrics_log = None
-    if world.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_json(output_dir / "train_config.json", config.to_dict())
-        metrics_log = MetricsLog(output_dir / "metrics.jsonl",
-                                 keep_through_step=progress["step"] if progress else None)
-    reset_peak_memory(device)
-    try:
-        progress = train_loop(model, optimizer, examples, config, pad_id=pad_token_id(tokenizer),
-                              device=device, metrics_log=metrics_log, eval_examples=eval_examples,
-                              progress=progress, world=world)
-    finally:
-        if metrics_log is not None:
-            metrics_log.close()
-
-    peak_memory_per_rank = gather_objects(peak_memory_bytes(device))
-    summary = build_summary(config, progress, trainable=trainable, total=total, device=device,
-                            dropped_rows=dropped + eval_dropped, eval_rows=len(eval_examples),
-                            world_size=world.world_size, peak_memory_per_rank=peak_memory_per_rank)
-    if world.is_main:  # every rank holds the same trained tensors
+        # Dropout (each rank its own masks); the data order has its own seeded generator.
+        torch.manual_seed(config.seed + world.rank)
+        trained_names, masks = freeze(model, config)
+        place_on_device(model, config, device)
+        if config.quantize:
+            log(describe_quantized(model))
+        set_precision_and_kernels(model, config, device)
+        optimizer = build_optimizer(model, config, device, no_decay=masks)
         if config.mode == "bitfit":
-            save_bias_delta(output_dir / BIAS_FILE, model, trained_names, base_model=config.model)
-        else:
-            save_model_folder(output_dir / "model", model, tokenizer)
-        save_json(output_dir / "summary.json", summary)
+            log(describe_bias_terms(model, config.bias_terms))
+        trainable, total = count_parameters(model, masks)  # a fused bias counts only its trained slice
+        log(describe_counts(trainable, total))
+        progress = {**new_progress(), "fingerprints": fingerprints}
+        if resume_state is not None:
+            progress = {**restore_training_state(resume_state, model, optimizer), "fingerprints": fingerprints}
+            total_steps = count_optimizer_steps(len(examples), config, world.world_size)
+            if progress["step"] >= total_steps:
+                raise InputError(f"the run in {config.output_dir} already reached step {progress['step']} "
+                                 f"of {total_steps}; pass a larger --max-steps or --epochs to extend it")
+            log(f"resuming at optimizer step {progress['step']} of {total_steps}")
+
+        staging = folder.stage(resuming=resume_state is not None)
+        metrics_log = None
+        if world.is_main:
+            save_json(staging / CONFIG_FILE, config.to_dict())
+            metrics_log = MetricsLog(staging / METRICS_FILE,
+                                     keep_through_step=progress["step"] if resume_state is not None else None)
+        reset_peak_memory(device)
+        try:
+            progress = train_loop(model, optimizer, examples, config, pad_id=pad_token_id(tokenizer),
+                                  device=device, metrics_log=metrics_log, eval_examples=eval_examples,
+                                  progress=progress, world=world, checkpoint_dir=staging)
+        except Interrupted:
+            # A deliberate stop keeps the run so far: its settings, metrics and checkpoint. (The
+            # metrics file is flushed line by line; it stays open across the rename, as Linux allows.)
+            folder.commit()
+            raise
+        finally:
+            if metrics_log is not None:
+                metrics_log.close()
+
+        peak_memory_per_rank = gather_objects(peak_memory_bytes(device))
+        summary = build_summary(config, progress, trainable=trainable, total=total, device=device,
+                                dropped_rows=dropped + eval_dropped, eval_rows=len(eval_examples),
+                                world_size=world.world_size, peak_memory_per_rank=peak_memory_per_rank,
+                                weight_bytes=weight_bytes(model))
+        if world.is_main:  # every rank holds the same trained tensors
+            if config.mode == "bitfit":
+                save_bias_delta(staging / BIAS_FILE, model, trained_names, base_model=config.model,
+                                quantized_base=config.quantize, template=config.template,
+                                chat_template_hash=chat_template_hash(tokenizer) if config.template == "chat" else None)
+            else:
+                save_model_folder(staging / "model", model, tokenizer)
+            save_json(staging / SUMMARY_FILE, summary)
+            folder.commit()
     log(format_summary(summary))
     return summary
 
 
+def fit_max_len_to_model(config: TrainConfig, log=print) -> TrainConfig:
+    """Cap --max-len at the model's position limit, read from its config before the model loads.
+
+    Longer examples would index past the position table (an IndexError mid-run); capping says so
+    and trains, as cutting at --max-len does anyway.
+    """
+    limit = position_limit(config.model)
+    if limit is None or config.max_len <= limit:
+        return config
+    log(f"--max-len {config.max_len} is more than the {limit} positions of {config.model}: examples are cut "
+        f"at {limit}")
+    return dataclasses.replace(config, max_len=limit)
+
+
 def build_summary(config, progress, *, trainable, total, device, dropped_rows, eval_rows, world_size=1,
-                  peak_memory_per_rank=None) -> dict:
+                  peak_memory_per_rank=None, weight_bytes=None) -> dict:
     """The run's summary; progress's counts are already global (summed over the ranks)."""
     if peak_memory_per_rank is None:
         peak_memory_per_rank = [peak_memory_bytes(device)]
@@ -125,6 +179,9 @@ def build_summary(config, progress, *, trainable, total, device, dropped_rows, e
         "peak_rss_bytes": peak_rss_bytes(),
         "device": device_name(device),
         "dtype": config.dtype,
+        "quantize": config.quantize,
+        # What the weights, and the buffers, occupy: the number that --quantize and --dtype change.
+        "weight_bytes": weight_bytes,
         "dropped_rows": dropped_rows,
         "eval_rows": eval_rows,
         "eval_loss_before": progress["eval_loss_before"],
@@ -134,19 +191,43 @@ def build_summary(config, progress, *, trainable, total, device, dropped_rows, e
     }
 
 
-def prepare_for_training(model, config: TrainConfig, device: torch.device):
-    """Freeze for the mode, set precisions and memory options, move to device; return
-    (names of the trained parameters, optimizer)."""
+# ------------------------------------------------------------- setting up the model, in order
+
+
+def freeze(model, config: TrainConfig) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """Step 1, what trains: in BitFit the chosen biases, everything in full mode. Returns the
+    names of the trained tensors and the masks of those of which only a slice trains.
+    """
     if config.add_biases:
         # Zero biases change no output, so training starts from the base model exactly; they are
         # marked as added, which the delta records so that loading can create them again.
         add_biases(model, config.bias_terms)
     trained_names = select_trainable(model, config.mode, config.bias_terms)
+    # A fused q,k,v bias of which only a slice is chosen (--bias-terms query on GPT-2, say)
+    # trains through a gradient mask.
+    masks = partly_trained(model, config.bias_terms) if config.mode == "bitfit" else {}
+    mask_gradients(model, masks)
+    return trained_names, masks
+
+
+def place_on_device(model, config: TrainConfig, device: torch.device) -> None:
+    """Step 2, where it lives: the model moves to its device. With --quantize nf4 the frozen
+    weights go first, one layer at a time, each turned into 4 bits there: BitFit never updates a
+    weight, so it can be held in 4 bits, and the device never holds the whole unquantized model
+    (a 7B model in bf16 would not fit where its 4-bit copy does)."""
+    if config.quantize:
+        quantize_frozen_weights(model, device)
+    model.to(device)
+
+
+def set_precision_and_kernels(model, config: TrainConfig, device: torch.device) -> None:
+    """Step 3, how it computes: fp32 where precision matters, faster kernels where they give the
+    same numbers, and the memory options. Each is explained where it is defined."""
     fuse_tanh_gelu(model)
     if weights_dtype(config) != torch.float32:
         keep_norms_in_fp32(model)
     with torch.no_grad():
-        for param in trainable_parameters(model):
+        for param in trainable_parameters(model).values():
             # fp32 master copies of whatever trains (bf16 would round small updates away).
             param.data = param.data.float()
     if config.grad_checkpointing:
@@ -157,18 +238,13 @@ def prepare_for_training(model, config: TrainConfig, device: torch.device):
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.to(device)
     prefer_eager_attention_on_cpu(model, device)
-    # A fused q,k,v bias of which only a slice is chosen (--bias-terms query on GPT-2, say)
-    # trains through a gradient mask, made on the device where the gradients will be.
-    masks = partly_trained(model, config.bias_terms) if config.mode == "bitfit" else {}
-    mask_gradients(model, masks)
     if config.compile:
         model.base_model.compile()  # in place, so parameter names (and deltas) stay the same
-    return trained_names, build_optimizer(model, config, device, no_decay=masks)
 
 
 def build_optimizer(model, config: TrainConfig, device=torch.device("cpu"), no_decay=()) -> torch.optim.Optimizer:
+    """Step 4, what updates it: AdamW over the trainable tensors only."""
     # The optimizer only ever sees the trainable tensors: in BitFit, AdamW's two moment
     # buffers are then as small as the biases themselves, one of BitFit's memory savings.
     # The fused CUDA kernel updates all tensors in one launch instead of several per tensor.
@@ -176,7 +252,7 @@ def build_optimizer(model, config: TrainConfig, device=torch.device("cpu"), no_d
     # would move the masked-out slice of a partly trained tensor (no_decay): those get none,
     # which keeps that slice bit-identical to the base without restoring it after every step
     # (their trained slice goes undecayed too; with the default --weight-decay 0 nothing differs).
-    named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    named = trainable_parameters(model).items()
     groups = [{"params": [param for name, param in named if name not in no_decay]},
               {"params": [param for name, param in named if name in no_decay], "weight_decay": 0.0}]
     return torch.optim.AdamW([group for group in groups if group["params"]], lr=config.lr,

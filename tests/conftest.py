@@ -6,6 +6,7 @@ Dropout is off so that runs are deterministic and equivalences hold to float rou
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -91,6 +92,17 @@ def alpaca_file(tmp_path):
     return str(path)
 
 
+def prepare_for_training(model, config, device):
+    """The setup steps of bitfit.run.run, in its order, for tests that train a model they loaded:
+    returns (names of the trained tensors, optimizer)."""
+    from bitfit.run import build_optimizer, freeze, place_on_device, set_precision_and_kernels
+
+    trained_names, masks = freeze(model, config)
+    place_on_device(model, config, device)
+    set_precision_and_kernels(model, config, device)
+    return trained_names, build_optimizer(model, config, device, no_decay=masks)
+
+
 TIMING = {"seconds", "tokens_per_s"}  # metrics.jsonl keys that differ from run to run
 
 
@@ -122,3 +134,45 @@ def cli(main, argv, capsys):
         status = exit.code
     captured = capsys.readouterr()
     return status, captured.out, captured.err
+
+
+@pytest.fixture(scope="session")
+def finished_run_template(tmp_path_factory, tiny_model_dir):
+    """A finished run (with the checkpoint --save-every leaves at its end), made once."""
+    import train
+    from bitfit.cli import run_main
+
+    folder = tmp_path_factory.mktemp("earlier")
+    data = folder / "rows.json"
+    data.write_text(json.dumps(ROWS))
+    status = run_main(train.main, ["--model", tiny_model_dir, "--data", str(data), "--max-steps", "2",
+                                   "--batch-size", "2", "--grad-accum", "1", "--log-every", "1", "--save-every",
+                                   "2", "--output-dir", str(folder / "run")])
+    assert status == 0
+    return folder / "run"
+
+
+@pytest.fixture
+def earlier_run(finished_run_template, tmp_path):
+    """A copy of a finished run in tmp_path/run: the folder a later run must not damage."""
+    folder = tmp_path / "run"
+    shutil.copytree(finished_run_template, folder)
+    return folder
+
+
+def folder_bytes(folder) -> dict[str, bytes]:
+    """Every file under folder, by its path relative to folder: to compare byte for byte."""
+    folder = Path(folder)
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def leftovers(folder) -> list[str]:
+    """What a run into folder left beside it besides its lock file: staging or retired folders."""
+    folder = Path(folder)
+    return sorted(path.name for path in folder.parent.iterdir()
+                  if path.name.startswith(f".{folder.name}.") and path.name != f".{folder.name}.lock")
+
+
+def error_lines(err: str) -> list[str]:
+    """stderr's lines without tqdm's progress bars."""
+    return [line for line in err.splitlines() if line.strip() and "%|" not in line]

@@ -19,8 +19,7 @@ from bitfit.data import tokenize_rows
 from bitfit.errors import InputError
 from bitfit.loop import train_loop
 from bitfit.model import load_model_and_tokenizer, pad_token_id
-from bitfit.run import prepare_for_training
-from conftest import ROWS
+from conftest import ROWS, prepare_for_training
 
 CPU = torch.device("cpu")
 PROBE = torch.tensor([[5, 17, 42, 99, 3, 250]])

@@ -19,8 +19,8 @@ from bitfit.loop import train_loop
 from bitfit.metrics import MetricsLog
 from bitfit.model import load_model_and_tokenizer, pad_token_id
 from bitfit.resume import load_training_state
-from bitfit.run import prepare_for_training, run
-from conftest import ROWS
+from bitfit.run import run
+from conftest import ROWS, prepare_for_training
 
 CPU = torch.device("cpu")
 HIDDEN, HEADS, LAYERS = 12, 3, 2  # 3 heads of 4: per-head interleaving differs from thirds
@@ -265,7 +265,7 @@ def test_config_rejects_empty_terms_and_terms_in_full_mode(overrides, message):
 
 
 def test_the_flag_reaches_the_config():
-    config, _ = train.parse_args(["--bias-terms", "query,mlp-in"])
+    config = train.parse_args(["--bias-terms", "query,mlp-in"])[0]
     assert config.bias_terms == "query,mlp-in"
     assert train.parse_args([])[0].bias_terms == "all"
 
@@ -278,11 +278,11 @@ def settings(tiny_model_dir, alpaca_file, output_dir, **overrides):
 
 def test_run_logs_counts_and_saves_whole_tensors_with_the_base_slice(tiny_model_dir, alpaca_file, tmp_path):
     lines = []
-    summary = run(settings(tiny_model_dir, alpaca_file, tmp_path, max_steps=2), log=lines.append)
+    summary = run(settings(tiny_model_dir, alpaca_file, tmp_path / "run", max_steps=2), log=lines.append)
     assert "trains query: transformer.h.*.attn.c_attn.bias[0:32] (2 tensors, 64 numbers)" in "\n".join(lines)
     assert summary["trainable_params"] == 320
     base, _ = load_model_and_tokenizer(tiny_model_dir)
-    delta = load_file(tmp_path / "bias.safetensors")
+    delta = load_file(tmp_path / "run" / "bias.safetensors")
     assert sorted(delta) == sorted(f"transformer.h.{layer}.{module}.bias" for layer in range(2)
                                    for module in ("attn.c_attn", "mlp.c_fc"))
     for layer in range(2):

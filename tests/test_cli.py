@@ -1,6 +1,8 @@
 """The command-line tools: a default run end to end, and one clear line for each bad input."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -8,7 +10,7 @@ import pytest
 
 import generate
 import train
-from conftest import ROOT, cli
+from conftest import ROOT, cli, error_lines, folder_bytes, leftovers
 
 
 def script(*args, cwd):
@@ -49,6 +51,9 @@ def test_full_mode_writes_a_loadable_model_folder(tiny_model_dir, alpaca_file, t
     assert status == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trainable_params"] == summary["total_params"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {file.stat().st_mode & 0o777 for file in out.rglob("*") if file.is_file()} == {0o666 & ~mask}
     status, stdout, err = cli(generate.main, ["--model", str(out / "model"), "--max-new-tokens", "4"],
                               capsys)
     assert status == 0, err
@@ -62,42 +67,58 @@ def bad_runs(tmp_path, tiny_model_dir, alpaca_file):
     empty.write_text("")
     no_output = tmp_path / "no_output.json"
     no_output.write_text(json.dumps([{"instruction": "a", "response": "b"}]))
+    truncated = tmp_path / "truncated-model"
+    shutil.copytree(tiny_model_dir, truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[:len(weights) // 2])
     data = ["--model", tiny_model_dir, "--data", alpaca_file]
     return {
         "missing data file": (["--data", str(tmp_path / "nope.json")], "data file not found"),
         "invalid json": (["--data", str(not_json)], "not a valid JSON file"),
         "empty data file": (["--data", str(empty)], "data file is empty"),
-        "missing column": (["--data", str(no_output)], "missing column(s) output"),
+        "missing column": (["--data", str(no_output)], "its columns (instruction, response) fit no data format"),
         "missing model": (["--model", str(tmp_path / "no-model")], "model folder not found"),
+        "truncated model weights": (["--model", str(truncated), "--data", alpaca_file],
+                                    "could not load model"),
         "unknown mode": (["--mode", "lora"], "invalid choice: 'lora'"),
         "batch size": ([*data, "--batch-size", "0"], "--batch-size must be a positive number"),
         "grad accum": ([*data, "--grad-accum", "-2"], "--grad-accum must be a positive number"),
         "max len": ([*data, "--max-len", "0"], "--max-len must be a positive number"),
         "lr": ([*data, "--lr", "0"], "--lr must be a positive number"),
+        "lr nan": ([*data, "--lr", "nan"], "--lr must be a positive number"),
+        "lr beyond float32": ([*data, "--lr", "1e39"], "--lr must be at most 1e+30"),
+        "weight decay inf": ([*data, "--weight-decay", "inf"], "--weight-decay must be a finite number"),
+        "weight decay nan": ([*data, "--weight-decay", "nan"], "--weight-decay must be a finite number"),
+        "weight decay x lr": ([*data, "--weight-decay", "1000"], "must be below 1"),
+        "warmup ratio nan": ([*data, "--warmup-ratio", "nan"], "--warmup-ratio must be in [0, 1)"),
+        "max grad norm inf": ([*data, "--max-grad-norm", "inf"], "--max-grad-norm must be a positive number"),
+        "seed beyond 64 bits": ([*data, "--seed", str(2**64)], "--seed must be a whole number from 0"),
+        "negative seed": ([*data, "--seed", "-1"], "--seed must be a whole number from 0"),
         "all rows dropped": ([*data, "--max-len", "4"], "rows was dropped"),
         "non-finite loss": ([*data, "--lr", "1e30", "--max-steps", "4"], "non-finite at optimizer step"),
+        "resume and overwrite": (["--resume", str(tmp_path / "run")], "give one of them"),
     }
 
 
 CASES = ["missing data file", "invalid json", "empty data file", "missing column", "missing model",
-         "unknown mode", "batch size", "grad accum", "max len", "lr", "all rows dropped",
-         "non-finite loss"]
+         "truncated model weights", "unknown mode", "batch size", "grad accum", "max len", "lr", "lr nan",
+         "lr beyond float32", "weight decay inf", "weight decay nan", "weight decay x lr", "warmup ratio nan",
+         "max grad norm inf", "seed beyond 64 bits", "negative seed", "all rows dropped", "non-finite loss",
+         "resume and overwrite"]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_gives_one_line_and_keeps_earlier_files(case, tmp_path, tiny_model_dir, alpaca_file,
-                                                         capsys):
+                                                         earlier_run, capsys):
     argv, expected = bad_runs(tmp_path, tiny_model_dir, alpaca_file)[case]
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "bias.safetensors").write_bytes(b"an earlier run's delta")
-    (out / "summary.json").write_text("{}")
-    status, _, err = cli(train.main, [*argv, "--output-dir", str(out)], capsys)
-    lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]  # drop tqdm
+    before = folder_bytes(earlier_run)
+    # --overwrite: the earlier run may be replaced, but only by a run that succeeds.
+    status, _, err = cli(train.main, [*argv, "--output-dir", str(earlier_run), "--overwrite"], capsys)
+    lines = error_lines(err)
     assert status == 2
     assert len(lines) == 1 and expected in lines[0], err
-    assert (out / "bias.safetensors").read_bytes() == b"an earlier run's delta"
-    assert (out / "summary.json").read_text() == "{}"
+    assert folder_bytes(earlier_run) == before
+    assert leftovers(earlier_run) == []
 
 
 def test_bad_input_from_the_real_script_has_no_traceback(tmp_path):
@@ -113,8 +134,65 @@ def test_bad_input_from_the_real_script_has_no_traceback(tmp_path):
     (["--batch-size", "0"], "--batch-size must be a positive number"),
     (["--prompt", "a", "--prompts", "b.txt"], "not allowed with argument --prompt"),
     (["--prompts", "b.txt", "--input", "c"], "--input goes with --prompt"),
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0"),
+    (["--temperature", "inf"], "--temperature must be a finite number >= 0"),
+    (["--prompt", ""], "--prompt is empty"),
+    (["--prompt", "  "], "--prompt is empty"),
+    (["--seed", str(2**64)], "--seed must be a whole number from 0"),
 ])
 def test_generate_rejects_bad_input_in_one_line(argv, expected, capsys):
     status, _, err = cli(generate.main, argv, capsys)
     assert status == 2
     assert err.count("\n") == 1 and expected in err
+
+
+def test_max_len_beyond_the_models_positions_is_capped_and_said(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "long.json"  # a row far longer than the model's 128 positions
+    data.write_text(json.dumps([{"instruction": "Repeat the word three hundred times.", "input": "word",
+                                 "output": "word " * 300}] * 2))
+    out = tmp_path / "run"
+    status, stdout, err = cli(train.main, ["--model", tiny_model_dir, "--data", str(data), "--max-len", "2000",
+                                           "--max-steps", "1", "--output-dir", str(out)], capsys)
+    assert status == 0, err
+    assert f"--max-len 2000 is more than the 128 positions of {tiny_model_dir}: examples are cut at 128" in stdout
+    assert json.loads((out / "train_config.json").read_text())["max_len"] == 128
+
+
+def test_generate_caps_new_tokens_at_the_models_positions(tiny_model_dir, capsys):
+    status, stdout, err = cli(generate.main, ["--model", tiny_model_dir, "--max-new-tokens", "1000"], capsys)
+    assert status == 0, err
+    assert "--max-new-tokens 1000 capped at" in err and "reads at most 128 positions" in err
+    assert "### Base model" in stdout
+
+
+def test_generate_refuses_a_prompt_longer_than_the_models_positions(tiny_model_dir, capsys):
+    status, stdout, err = cli(generate.main, ["--model", tiny_model_dir, "--prompt", "word " * 200], capsys)
+    assert status == 2
+    assert err.count("\n") == 1 and "reads at most 128: no room is left for an answer" in err, err
+    assert stdout == ""
+
+
+def test_generate_prints_each_batch_as_it_finishes_under_a_progress_bar(tiny_model_dir, tmp_path, capsys,
+                                                                        monkeypatch):
+    import bitfit.inference
+    from bitfit.errors import InputError
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"Say {number}." for number in range(1, 6)))
+    answer = bitfit.inference.generate_answers
+    batches = []
+
+    def fails_on_the_third_batch(model, tokenizer, instructions, **kwargs):
+        batches.append([instruction for instruction, _ in instructions])
+        if len(batches) == 3:
+            raise InputError("stopped in the third batch")
+        return answer(model, tokenizer, instructions, **kwargs)
+
+    monkeypatch.setattr(bitfit.inference, "generate_answers", fails_on_the_third_batch)
+    status, stdout, err = cli(generate.main, ["--model", tiny_model_dir, "--prompts", str(prompts),
+                                              "--batch-size", "2", "--max-new-tokens", "2"], capsys)
+    assert status == 2 and "stopped in the third batch" in err
+    assert batches == [["Say 1.", "Say 2."], ["Say 3.", "Say 4."], ["Say 5."]]
+    # The first two batches' answers were out before the third began.
+    assert "### Prompt 4 of 5\nSay 4." in stdout and "### Prompt 5 of 5" not in stdout
+    assert "4/5 [" in err  # the bar, on stderr, had counted them

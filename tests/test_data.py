@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 from transformers import AutoTokenizer
@@ -90,7 +91,7 @@ def test_input_column_is_optional_and_limit_takes_the_first_rows(tmp_path):
     (None, "data file not found"),
     ("", "data file is empty"),
     ("{not json", "not a valid JSON file"),
-    ('[{"instruction": "q", "answer": "a"}]', "missing column(s) output"),
+    ('[{"instruction": "q", "answer": "a"}]', "its columns (instruction, answer) fit no data format"),
 ])
 def test_bad_data_files_are_named_in_the_error(tmp_path, content, expected):
     path = tmp_path / "rows.json"
@@ -99,3 +100,48 @@ def test_bad_data_files_are_named_in_the_error(tmp_path, content, expected):
     with pytest.raises(InputError, match=expected.replace("(", r"\(").replace(")", r"\)")) as error:
         load_rows(str(path))
     assert "rows.json" in str(error.value)
+
+
+def test_a_file_rewritten_with_the_same_modification_time_is_read_afresh(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(ROWS[:3]))
+    stat = path.stat()
+    assert load_rows(str(path)) == ROWS[:3]
+    changed = [{**row, "output": "changed"} for row in ROWS[:3]]
+    path.write_text(json.dumps(changed))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert load_rows(str(path)) == changed
+
+
+class CountingTokenizer:
+    """The tiny tokenizer, recording every text it is asked to tokenize."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.texts = tokenizer, []
+        self.eos_token_id = tokenizer.eos_token_id
+
+    def __call__(self, texts, **kwargs):
+        self.texts += [texts] if isinstance(texts, str) else texts
+        return self.tokenizer(texts, **kwargs)
+
+
+def test_rows_are_tokenized_only_when_a_step_reads_them(tokenizer):
+    rows = [{**row, "output": f"{row['output']} ({copy})"} for copy in range(50) for row in ROWS]  # 500 rows
+    counting = CountingTokenizer(tokenizer)
+    examples, dropped = tokenize_rows(rows, counting, max_len=64)
+    assert len(examples) == 500 and dropped == 0
+    assert not any(row["output"] in counting.texts for row in rows)  # only prompts were measured
+    assert [examples[i] for i in (3, 499)]
+    assert [text for text in counting.texts if "(" in text] == [rows[3]["output"], rows[499]["output"]]
+
+
+def test_examples_read_one_by_one_equal_the_whole_set_tokenized_at_once(tokenizer):
+    long_prompt = {"instruction": "word " * 40, "input": "", "output": "short"}
+    examples, dropped = tokenize_rows([long_prompt, *ROWS], tokenizer, max_len=24)
+    prompts = tokenizer([format_prompt(row["instruction"], row["input"]) for row in [long_prompt, *ROWS]])
+    responses = tokenizer([row["output"] for row in [long_prompt, *ROWS]], add_special_tokens=False)
+    reference = [build_example(p, r + [tokenizer.eos_token_id], 24)
+                 for p, r in zip(prompts["input_ids"], responses["input_ids"])]
+    kept = [example for example in reference if example is not None]
+    assert reference[0] is None and dropped == len(reference) - len(kept)
+    assert list(examples) == kept and examples[1:3] == kept[1:3]

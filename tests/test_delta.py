@@ -1,6 +1,8 @@
 """Bias deltas as artifacts: what they record, which bases refuse them, apply and remove, serve, export."""
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -287,7 +289,7 @@ def test_export_rejects_bad_input_in_one_line(tiny_model_dir, deltas, tmp_path, 
     (not_a_model / "todo.txt").write_text("keep me")
     cases = [
         (["--bias", str(tmp_path / "nope"), "--out", str(tmp_path / "x")], "bias delta not found"),
-        (["--bias", path, "--out", str(not_a_model)], "holds files but no model"),
+        (["--bias", path, "--out", str(not_a_model)], "holds files; choose a new or empty folder"),
         (["--bias", path, "--out", tiny_model_dir], "the base model's own folder"),
         (["--out", str(tmp_path / "x")], "the following arguments are required: --bias"),
     ]
@@ -296,3 +298,74 @@ def test_export_rejects_bad_input_in_one_line(tiny_model_dir, deltas, tmp_path, 
         assert status == 2
         assert err.count("\n") == 1 and expected in err, err
     assert (not_a_model / "todo.txt").read_text() == "keep me"
+
+
+# ----------------------------------------------------------- forged, diverged and occupied
+
+
+def forged_delta(deltas, tmp_path, **changes):
+    """A copy of a good delta with its tensors or metadata changed, written around bitfit's checks."""
+    tensors, metadata = load_bias_delta(next(iter(deltas)))
+    tensors = {**tensors, **changes.pop("tensors", {})}
+    path = tmp_path / "forged.safetensors"
+    save_file(tensors, str(path), metadata={**metadata, **changes})
+    return str(path)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_generate_and_export_refuse_a_delta_holding_nan_or_inf(value, deltas, tmp_path, capsys):
+    path = forged_delta(deltas, tmp_path, tensors={"transformer.ln_f.bias": torch.full((32,), value)})
+    out = tmp_path / "merged"
+    for main, argv in [(generate.main, ["--bias", path, "--max-new-tokens", "2"]),
+                       (export.main, ["--bias", path, "--out", str(out)])]:
+        status, stdout, err = cli(main, argv, capsys)
+        assert status == 2
+        assert err.count("\n") == 1 and "'transformer.ln_f.bias' holds NaN or inf values" in err, err
+        assert "### With bias delta" not in stdout
+    assert not out.exists() and list(tmp_path.glob(".merged*")) == []
+
+
+@pytest.mark.parametrize("added", ['{"not": "a list"}', "not json", "[1, 2]"])
+def test_a_delta_whose_added_biases_are_not_a_list_of_names_is_refused(added, deltas, tmp_path, capsys):
+    path = forged_delta(deltas, tmp_path, added_biases=added)
+    status, _, err = cli(generate.main, ["--bias", path, "--max-new-tokens", "2"], capsys)
+    assert status == 2
+    assert err.count("\n") == 1 and "added_biases metadata is not a JSON list" in err, err
+
+
+def test_export_refuses_a_folder_that_holds_files_and_overwrite_swaps_a_new_one_in(tiny_model_dir, deltas,
+                                                                                   tmp_path, capsys):
+    path, tuned_logits = next(iter(deltas.items()))
+    out = tmp_path / "merged"
+    shutil.copytree(tiny_model_dir, out)  # another model, and a user's notes beside it
+    (out / "notes.txt").write_text("keep me")
+    before = {file.name: file.read_bytes() for file in out.iterdir()}
+    status, _, err = cli(export.main, ["--bias", path, "--out", str(out)], capsys)
+    assert status == 2 and err.count("\n") == 1 and "--out" in err and "--overwrite" in err, err
+    assert {file.name: file.read_bytes() for file in out.iterdir()} == before
+
+    status, _, err = cli(export.main, ["--bias", path, "--out", str(out), "--overwrite"], capsys)
+    assert status == 0, err
+    assert not (out / "notes.txt").exists()  # the folder is replaced whole, not written into
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out)), tuned_logits, rtol=0, atol=0)
+    assert sorted(file.name for file in tmp_path.iterdir() if file.name.startswith(".merged")) == []
+    assert {oct(file.stat().st_mode & 0o777) for file in out.iterdir()} == {oct(0o666 & ~current_umask())}
+
+
+def test_generate_and_export_refuse_a_truncated_base_in_one_line(tiny_model_dir, deltas, tmp_path, capsys):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    weights = (base / "model.safetensors").read_bytes()
+    (base / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    path = next(iter(deltas))
+    for main, argv in [(generate.main, ["--model", str(base), "--max-new-tokens", "2"]),
+                       (export.main, ["--model", str(base), "--bias", path, "--out", str(tmp_path / "merged")])]:
+        status, _, err = cli(main, argv, capsys)
+        assert status == 2
+        assert err.count("\n") == 1 and "could not load model" in err, err
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

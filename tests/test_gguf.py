@@ -19,7 +19,9 @@ from bitfit.model import load_model_and_tokenizer
 from conftest import cli
 
 PROBE = torch.tensor([[5, 17, 42, 99, 3, 250]])
-CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+# A turn ends with the tokenizer's one special token, as ChatML's end with <|im_end|>.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|endoftext|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}")
 
 
 def write_llama_gguf(path, model, tokenizer) -> None:

@@ -15,8 +15,7 @@ from bitfit.loop import autocast, train_loop
 from bitfit.loss import FrozenHeadLossSum, causal_lm_loss_sum, label_token_count, loss_sum_from_logits
 from bitfit.model import (fuse_tanh_gelu, load_model_and_tokenizer, pad_token_id, prefer_eager_attention_on_cpu,
                           weights_dtype)
-from bitfit.run import prepare_for_training
-from conftest import ROWS
+from conftest import ROWS, prepare_for_training
 
 CPU = torch.device("cpu")
 
@@ -121,9 +120,9 @@ def test_group_by_length_covers_every_example_once_with_less_padding():
 def test_summary_reports_the_padding_fraction(tiny, tmp_path):
     folder, tokenizer, examples = tiny
     _, _, progress = train_copy(folder, tokenizer, examples, tmp_path, batch_size=4)
-    assert 0 < progress["tokens"] < progress["padded_tokens"]
+    assert 0 < progress["tokens"] < progress["tokens_with_padding"]
     _, _, unpadded = train_copy(folder, tokenizer, examples, tmp_path, batch_size=1)
-    assert unpadded["tokens"] == unpadded["padded_tokens"]
+    assert unpadded["tokens"] == unpadded["tokens_with_padding"]
 
 
 @pytest.mark.parametrize("family", ["gpt2", "bloom"])

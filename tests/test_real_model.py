@@ -18,8 +18,7 @@ from bitfit.data import collate, tokenize_rows
 from bitfit.inference import generate_answers
 from bitfit.loop import train_loop
 from bitfit.model import load_model_and_tokenizer, pad_token_id
-from bitfit.run import prepare_for_training
-from conftest import ROWS, cli
+from conftest import ROWS, cli, prepare_for_training
 
 CPU = torch.device("cpu")
 QUESTION = "What is the capital of France?"
@@ -74,7 +73,7 @@ def test_add_biases_adds_155520_zero_biases_to_its_210_linear_layers_and_changes
 
 def test_one_bitfit_step_lowers_the_loss_on_a_repeated_batch(real_model, tmp_path):
     model, tokenizer = load_folder(real_model)
-    examples, _ = tokenize_rows(ROWS[:2], tokenizer, max_len=48)
+    examples, _ = tokenize_rows(ROWS[:2], tokenizer, max_len=64, template="chat")
     batch = collate(examples, pad_token_id(tokenizer))
     settings = TrainConfig(model=real_model[1], add_biases=True, batch_size=2, grad_accum=1, max_steps=1,
                            warmup_ratio=0.0, output_dir=str(tmp_path))
@@ -85,18 +84,17 @@ def test_one_bitfit_step_lowers_the_loss_on_a_repeated_batch(real_model, tmp_pat
 
 
 def test_greedy_generation_through_the_chat_template_matches_transformers_own(from_gguf, real_model):
-    messages = [{"role": "user", "content": QUESTION}]
+    model, tokenizer = from_gguf
+    answer = generate_answers(model, tokenizer, [(QUESTION, "")], max_new_tokens=12, template="chat")
 
-    def answer(model, tokenizer) -> str:
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                               return_dict=True)
-        output = model.generate(**prompt, max_new_tokens=12, do_sample=False)
-        return tokenizer.decode(output[0, prompt["input_ids"].size(1):])
-
-    reference = answer(AutoModelForCausalLM.from_pretrained(real_model[1]),
-                       AutoTokenizer.from_pretrained(real_model[1]))
-    assert answer(*from_gguf) == reference
-    assert "Paris" in reference and reference.endswith("<|im_end|>")  # a real model, dequantized right
+    reference_model = AutoModelForCausalLM.from_pretrained(real_model[1])  # transformers alone
+    reference_tokenizer = AutoTokenizer.from_pretrained(real_model[1])
+    prompt = reference_tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}],
+                                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    output = reference_model.generate(**prompt, max_new_tokens=12, do_sample=False)
+    reference = reference_tokenizer.decode(output[0, prompt["input_ids"].size(1):])
+    assert reference.endswith("<|im_end|>") and "Paris" in reference  # a real model, dequantized right
+    assert answer == [reference.removesuffix("<|im_end|>").strip()]
 
 
 def test_a_delta_trained_on_it_round_trips_through_generate_and_export(real_model, alpaca_file, tmp_path, capsys):
@@ -129,4 +127,5 @@ def test_a_delta_trained_on_it_round_trips_through_generate_and_export(real_mode
         tuned_logits = base(**batch).logits
         torch.testing.assert_close(merged(**batch).logits, tuned_logits, rtol=0, atol=0)
     assert not torch.allclose(tuned_logits, base_logits)  # the step did move the model
-    assert generate_answers(merged, merged_tokenizer, [(QUESTION, "")], max_new_tokens=6) == [tuned_answer]
+    assert generate_answers(merged, merged_tokenizer, [(QUESTION, "")], max_new_tokens=6,
+                            template=metadata["template"]) == [tuned_answer]

@@ -1,6 +1,8 @@
 """Evaluation on held-out rows, checkpoints, --resume and Ctrl-C."""
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +22,7 @@ from bitfit.metrics import MetricsLog
 from bitfit.model import load_model_and_tokenizer
 from bitfit.resume import load_training_state
 from bitfit.run import run
-from conftest import ROOT, metric_lines
+from conftest import ROOT, ROWS, error_lines, folder_bytes, leftovers, metric_lines
 
 def settings(tiny_model_dir, alpaca_file, output_dir, **overrides):
     return TrainConfig(**{"model": tiny_model_dir, "data": alpaca_file, "output_dir": str(output_dir),
@@ -38,7 +40,7 @@ def test_held_out_rows_are_seeded_and_disjoint(alpaca_file):
 
 
 def test_eval_loss_before_is_the_base_models_token_weighted_loss(tiny_model_dir, alpaca_file, tmp_path):
-    config = settings(tiny_model_dir, alpaca_file, tmp_path, eval_size=3, max_steps=2)
+    config = settings(tiny_model_dir, alpaca_file, tmp_path / "run", eval_size=3, max_steps=2)
     summary = run(config, log=lambda message: None)
     model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
     _, eval_rows = split_rows(load_rows(alpaca_file), 3, seed=config.seed)
@@ -50,7 +52,7 @@ def test_eval_loss_before_is_the_base_models_token_weighted_loss(tiny_model_dir,
     tokens = sum(sum(label != IGNORE_INDEX for label in e["labels"][1:]) for e in examples)
     assert summary["eval_loss_before"] == pytest.approx(float(sum(losses)) / tokens, rel=1e-5)
     assert summary["eval_perplexity_after"] == pytest.approx(torch.exp(torch.tensor(summary["eval_loss_after"])).item())
-    evals = [line for line in metric_lines(tmp_path) if "eval_loss" in line]
+    evals = [line for line in metric_lines(tmp_path / "run") if "eval_loss" in line]
     assert [line["step"] for line in evals] == [0, 1, 2]
 
 
@@ -82,6 +84,19 @@ def test_resume_gives_the_same_biases_and_metrics_as_a_straight_run(tiny_model_d
     assert metric_lines(stopped) == metric_lines(straight)
     straight_summary = json.loads((straight / "summary.json").read_text())
     assert summary["train_loss"] == pytest.approx(straight_summary["train_loss"], rel=1e-6)
+
+
+def test_a_checkpoint_written_before_tokens_with_padding_still_resumes(tiny_model_dir, alpaca_file, tmp_path):
+    """Checkpoints written before the progress key was renamed keep their count of padded positions."""
+    straight, old = tmp_path / "straight", tmp_path / "old"
+    quick = dict(eval_size=None, eval_every=None, max_steps=3)
+    expected = run(settings(tiny_model_dir, alpaca_file, straight, **quick), log=lambda message: None)
+    run(settings(tiny_model_dir, alpaca_file, old, **{**quick, "max_steps": 2, "save_every": 2}),
+        log=lambda message: None)
+    state = load_training_state(str(old))
+    state["progress"]["padded_tokens"] = state["progress"].pop("tokens_with_padding")
+    summary = run(settings(tiny_model_dir, alpaca_file, old, **quick), state, log=lambda message: None)
+    assert 0 < summary["padding_fraction"] == pytest.approx(expected["padding_fraction"])
 
 
 def test_a_resumed_run_may_extend_but_not_change_settings(tiny_model_dir, alpaca_file, tmp_path, capsys):
@@ -125,7 +140,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path):
                "--max-len", "48", "--log-every", "1", "--output-dir", str(out)]
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True)
-    metrics = out / "metrics.jsonl"
+    metrics = tmp_path / ".run.staging" / "metrics.jsonl"  # a run writes beside its folder until it ends
     deadline = time.monotonic() + 120
     while (process.poll() is None and time.monotonic() < deadline
            and not (metrics.exists() and metrics.read_text().count("\n") >= 2)):
@@ -144,3 +159,61 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path):
     assert json.loads((out / "summary.json").read_text())["optimizer_steps"] == 100
     steps = [line["step"] for line in metric_lines(out) if "loss" in line]
     assert steps == list(range(1, 101))
+
+
+# -------------------------------------------------------- what --resume checks before it continues
+
+
+def stopped_run(tiny_model_dir, data, folder):
+    """A 2-step run that saved its checkpoint at the end, for --resume to extend."""
+    argv = ["--model", tiny_model_dir, "--data", str(data), "--output-dir", str(folder), "--max-steps", "2",
+            "--save-every", "2", "--batch-size", "2", "--grad-accum", "1"]
+    assert run_main(train.main, argv) == 0
+
+
+def test_resume_refuses_data_whose_rows_changed(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps(ROWS))
+    stopped_run(tiny_model_dir, data, tmp_path / "run")
+    before = folder_bytes(tmp_path / "run")
+    stat = data.stat()
+    data.write_text(json.dumps([{**row, "output": row["output"].upper()} for row in ROWS]))
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the same modification time, too
+    assert run_main(train.main, ["--resume", str(tmp_path / "run"), "--max-steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "the training data (its rows differ) changed since the run started" in err, err
+    assert folder_bytes(tmp_path / "run") == before
+
+
+def test_resume_refuses_a_base_whose_weights_changed(tiny_model_dir, alpaca_file, tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    stopped_run(str(base), alpaca_file, tmp_path / "run")
+    before = folder_bytes(tmp_path / "run")
+    torch.manual_seed(7)  # the same shapes, other weights
+    GPT2LMHeadModel(GPT2Config.from_pretrained(base)).save_pretrained(base)
+    assert run_main(train.main, ["--resume", str(tmp_path / "run"), "--max-steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "the base model (its weights differ) changed since the run started" in err, err
+    assert folder_bytes(tmp_path / "run") == before
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda state: state["config"].update(learning_speed=3), "unknown setting(s) learning_speed"),
+    (lambda state: state.pop("rng"), "a damaged bitfit checkpoint: it has no rng"),
+    (lambda state: state["rng"].pop("python"), "a damaged bitfit checkpoint: it has no rng.python"),
+    (lambda state: state["trainable"].update({"transformer.h.0.ln_1.bias": torch.zeros(3)}),
+     "the checkpoint does not fit this run"),
+])
+def test_a_damaged_checkpoint_is_refused_in_one_line(damage, expected, earlier_run, capsys):
+    path = earlier_run / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    damage(state)
+    torch.save(state, path)
+    before = folder_bytes(earlier_run)
+    assert run_main(train.main, ["--resume", str(earlier_run), "--max-steps", "4"]) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert folder_bytes(earlier_run) == before and leftovers(earlier_run) == []

@@ -83,7 +83,7 @@ def sgd_update(tiny_model_dir, tmp_path, examples, batch_size, grad_accum):
     before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     cfg = config(tmp_path, batch_size=batch_size, grad_accum=grad_accum, max_steps=1, lr=1.0,
                  max_grad_norm=1e9)
-    optimizer = torch.optim.SGD(trainable_parameters(model), lr=1.0)
+    optimizer = torch.optim.SGD(trainable_parameters(model).values(), lr=1.0)
     train_loop(model, optimizer, examples, cfg, pad_id=pad_token_id(tokenizer), device=CPU)
     return {name: before[name] - p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
