@@ -76,6 +76,8 @@ def build_parser() -> ArgumentParser:
                                                   "to train")
     add("--quantize", choices=QUANTIZE, help="BitFit with the frozen weights of the transformer blocks held in "
                                              "4 bits (NF4, as in QLoRA); embeddings, norms and head keep --dtype")
+    add("--fsdp", action="store_true", help="under torchrun: shard every parameter over the ranks (FSDP2), "
+                                            "for a model too large for one GPU")
     return parser
 
 

@@ -221,19 +221,29 @@ def partly_trained(model: torch.nn.Module, bias_terms: str) -> dict[str, torch.T
 
 
 def mask_gradients(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    """Zero the gradient outside the chosen slice of each partly trained tensor, before it is
-    accumulated: clipping then measures only what trains, and AdamW leaves the rest unmoved.
+    """Zero the gradient outside the chosen slice of each partly trained tensor, each time one is
+    accumulated into .grad: clipping then measures only what trains, and AdamW leaves the rest unmoved.
 
     With a gradient of exactly zero, AdamW's moments stay zero and its update there is
     0 / (sqrt(0) + eps) = 0, so the untouched slice stays bit-identical to the base. Only decoupled
     weight decay would still shrink it: bitfit.run.build_optimizer gives these tensors no decay.
     The delta and the checkpoint store these tensors whole; the untouched slice in them equals
     the base's, so applying a delta stays a plain copy.
+
+    Under --fsdp (bitfit.fsdp) each rank holds a shard of the tensor and of its mask. FSDP computes
+    the gradient on a gathered copy, so a hook on the gradient on its way (register_hook) would never
+    see the shard; the hook after accumulation runs once FSDP has put its shard's reduced gradient in .grad.
     """
     params = dict(model.named_parameters())
     for name, mask in masks.items():
+        params[name].register_post_accumulate_grad_hook(zero_gradient_outside(mask))
+
+
+def zero_gradient_outside(keep: torch.Tensor):
+    def hook(param):
         # The mask follows the gradient to its device: the model moves there after it is frozen.
-        params[name].register_hook(lambda grad, keep=mask: grad.masked_fill(~keep.to(grad.device), 0))
+        param.grad.masked_fill_(~keep.to(param.grad.device), 0)
+    return hook
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -116,20 +116,35 @@ def save_bias_delta(path: Path, model: torch.nn.Module, names: list[str], base_m
     chat_template_hash which chat template: generate.py prompts the tuned model the same way.
     """
     params = dict(model.named_parameters())
+    tensors = {name: params[name].detach().to("cpu", copy=True) for name in names}
+    write_bias_delta(path, tensors, bias_delta_metadata(model, names, base_model, added_biases, quantized_base,
+                                                        template, chat_template_hash))
+
+
+def bias_delta_metadata(model: torch.nn.Module, names: list[str], base_model: str,
+                        added_biases: list[str] | None = None, quantized_base: str | None = None,
+                        template: str = "seed", chat_template_hash: str | None = None) -> dict[str, str]:
+    """What a delta of the named tensors records about its base and its prompts (see save_bias_delta)."""
     if added_biases is None:
+        params = dict(model.named_parameters())
         added_biases = [name for name in names if is_added_bias(params[name])]
-    tensors = {name: params[name].detach().to("cpu", copy=True).contiguous() for name in names}
-    refuse_non_finite(tensors, "the trained biases")
-    listing = {name: {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
-               for name, tensor in tensors.items()}
-    metadata = {"format": DELTA_FORMAT, "base_model": base_model,
-                "model_class": type(model).__name__, "tensors": json.dumps(listing),
+    metadata = {"format": DELTA_FORMAT, "base_model": base_model, "model_class": type(model).__name__,
                 "base_fingerprint": base_fingerprint(model, names), "added_biases": json.dumps(added_biases)}
     if quantized_base:
         metadata["quantized_base"] = quantized_base
     metadata["template"] = template
     if chat_template_hash:
         metadata["chat_template_hash"] = chat_template_hash
+    return metadata
+
+
+def write_bias_delta(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write the tensors (on the CPU) with metadata from bias_delta_metadata, and a listing of them."""
+    tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
+    refuse_non_finite(tensors, "the trained biases")
+    listing = {name: {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+               for name, tensor in tensors.items()}
+    metadata = {**metadata, "tensors": json.dumps(listing)}
     # Serialised in memory (a few MB of biases) and written by Python, so that a full disk raises
     # OSError, and the file gets the user's umask like every other file of the run.
     atomic_write(path, lambda tmp: tmp.write_bytes(safetensors_bytes(tensors, metadata=metadata)))
@@ -316,15 +331,17 @@ def _bias_less_linear(model: torch.nn.Module, name: str) -> torch.nn.Linear | No
     return module if isinstance(module, torch.nn.Linear) and module.bias is None else None
 
 
-def save_model_folder(folder: Path, model, tokenizer) -> None:
-    """Write a Hugging Face model folder, replacing any old one only once the new one is whole."""
+def save_model_folder(folder: Path, model, tokenizer, state_dict: dict | None = None) -> None:
+    """Write a Hugging Face model folder, replacing any old one only once the new one is whole.
+
+    state_dict, when given, holds the weights to write (under --fsdp, gathered from the shards)."""
     folder = Path(folder)
-    refuse_non_finite(dict(model.named_parameters()), "the trained model")
+    refuse_non_finite(dict(model.named_parameters()) if state_dict is None else state_dict, "the trained model")
     staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
         try:
-            model.save_pretrained(staging)
+            model.save_pretrained(staging, state_dict=state_dict)
         except SafetensorError as error:  # safetensors names a full disk only in its message
             raise _os_error(error, staging) from None
         tokenizer.save_pretrained(staging)

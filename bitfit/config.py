@@ -71,6 +71,7 @@ class TrainConfig:
     bias_terms: str = "all"  # BitFit: comma list of bias groups or regular expressions (bitfit.bias)
     add_biases: bool = False  # BitFit: give the chosen bias-less Linear layers zero biases to train
     quantize: str | None = None  # BitFit: "nf4" holds the frozen block weights in 4 bits (bitfit.quantize)
+    fsdp: bool = False  # under torchrun: shard every parameter over the ranks (bitfit.fsdp)
 
     def __post_init__(self):
         _check_choice("--mode", self.mode, MODES)
@@ -121,6 +122,13 @@ class TrainConfig:
             if self.mode == "full":
                 raise InputError(f"--quantize {self.quantize} holds the frozen weights in 4 bits for --mode "
                                  f"bitfit; --mode full trains every weight, and quantized weights cannot be trained")
+        if self.fsdp and self.dtype == "fp16":
+            raise InputError("--fsdp with --dtype fp16 is not supported (fp16's loss scaling would have to agree "
+                             "across the shards); use --dtype bf16")
+        if self.fsdp and self.compile:
+            raise InputError("--fsdp with --compile is not supported; leave one out")
+        if self.fsdp and self.quantize is not None:
+            raise InputError(f"--fsdp with --quantize {self.quantize} is not supported yet; leave one out")
         if self.output_dir is None:
             self.output_dir = str(Path("runs") / self.mode)
 

@@ -81,8 +81,15 @@ def all_reduce_grads(params: list[torch.Tensor]) -> None:
 
     A sum, not a mean: each rank's loss was already divided by the label tokens of the whole
     global window, so the summed gradient is that of the global token-weighted loss.
+    Under --fsdp the parameters are shards (DTensors) whose gradients FSDP has already summed in
+    the last backward pass (bitfit.fsdp): nothing is left to do.
     """
     if not dist.is_initialized():
+        return
+    from torch.distributed.tensor import DTensor  # imported here: one process never needs it
+
+    params = [param for param in params if not isinstance(param, DTensor)]
+    if not params:
         return
     for param in params:
         if param.grad is None:  # a rank whose share of the window was empty still takes part

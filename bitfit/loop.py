@@ -1,8 +1,9 @@
 """The training loop: train_step is one optimizer step; train_loop runs the steps and keeps the books.
 
 Read train_step first (python -m bitfit.walkthrough writes the same step out with plain calls).
-Two options cost it one line each wherever they touch it, and do nothing otherwise: fp16's loss
-scaling (the scaler) and torchrun's sums over the processes (all_reduce_grads, all_reduce_sum).
+Three options cost it one line each wherever they touch it, and do nothing otherwise: fp16's loss
+scaling (the scaler), torchrun's sums over the processes (all_reduce_grads, all_reduce_sum) and
+--fsdp's gradient sync in the last backward pass only (sync_gradients_in_backward).
 """
 
 import contextlib
@@ -16,6 +17,7 @@ from bitfit.bias import trainable_parameters
 from bitfit.data import collate, optimizer_windows
 from bitfit.distributed import SINGLE, all_reduce_grads, all_reduce_sum, shard
 from bitfit.errors import InputError
+from bitfit.fsdp import free_gathered_weights, idle_micro_batch, sync_gradients_in_backward
 from bitfit.loss import causal_lm_loss_sum, label_token_count
 from bitfit.metrics import perplexity
 from bitfit.model import AUTOCAST_DTYPES
@@ -38,7 +40,8 @@ def train_step(model, optimizer, batches: list[dict], label_tokens: int, *, max_
     Returns the window's loss sum and the gradient norm before clipping."""
     params = list(trainable_parameters(model).values())  # in BitFit, the biases: all that has a gradient
     window_loss_sum = torch.zeros((), device=device)
-    for batch in batches:
+    for index, batch in enumerate(batches):
+        sync_gradients_in_backward(model, index == len(batches) - 1)  # --fsdp: the last backward syncs
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
         with autocast(device, dtype):
             loss_sum = causal_lm_loss_sum(model, batch)  # the forward pass, and the loss summed over labels
@@ -48,7 +51,7 @@ def train_step(model, optimizer, batches: list[dict], label_tokens: int, *, max_
         loss = loss_sum / label_tokens
         scaler.scale(loss).backward()  # adds to each bias's .grad (fp16: the loss scaled up first)
         window_loss_sum += loss_sum.detach()
-    all_reduce_grads(params)  # torchrun: sum the ranks' gradients, once per step; otherwise nothing
+    all_reduce_grads(params)  # torchrun: sum the ranks' gradients once per step; else (--fsdp too) nothing
     scaler.unscale_(optimizer)  # fp16: clip the true gradient, not the scaled one; otherwise nothing
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
     window_loss_sum = all_reduce_sum(window_loss_sum).item()  # torchrun: the global window's loss
@@ -108,6 +111,8 @@ def train_loop(model, optimizer, examples, config, *, pad_id, device, metrics_lo
             batches = [collate([examples[i] for i in ids], pad_id)
                        for ids in shard(window, config.batch_size, world)]
             label_tokens, samples, tokens, tokens_with_padding = window_counts(batches, device, world)
+            if config.fsdp:  # every rank runs every micro-batch: FSDP's gathers need them all
+                batches += [idle_micro_batch(pad_id)] * (len(window) - len(batches))
             try:
                 window_loss_sum, grad_norm = train_step(model, optimizer, batches, label_tokens,
                                                         max_grad_norm=config.max_grad_norm, device=device,
@@ -159,6 +164,7 @@ def evaluate(model, examples, config, pad_id, device) -> float:
             loss_sum += causal_lm_loss_sum(model, batch).item()
         label_tokens += label_token_count(batch["labels"])
     model.train()
+    free_gathered_weights(model)  # --fsdp: no backward pass came to free them; otherwise nothing
     return loss_sum / label_tokens
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from bitfit.data import IGNORE_INDEX
+from bitfit.fsdp import run_base_model
 
 
 def loss_sum_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -49,8 +50,8 @@ def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     if not head_is_plain_linear(model):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return loss_sum_from_logits(logits, batch["labels"])
-    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              use_cache=False).last_hidden_state
+    hidden = run_base_model(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            use_cache=False).last_hidden_state  # model.base_model(...), but see bitfit.fsdp
     targets = batch["labels"][:, 1:]
     predicts_a_label = targets != IGNORE_INDEX
     hidden, targets = hidden[:, :-1][predicts_a_label], targets[predicts_a_label]
@@ -108,7 +109,9 @@ def head_chunk_tokens(vocab_size: int) -> int:
 
 
 def chunks(length: int, size: int):
-    return [slice(start, start + size) for start in range(0, length, size)]
+    # At least one chunk, if an empty one: a micro-batch without labels (an idle rank's under
+    # --fsdp, bitfit.fsdp.idle_micro_batch) still makes a loss of 0 with a backward pass.
+    return [slice(start, start + size) for start in range(0, max(length, 1), size)]
 
 
 def _head_loss_sum(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

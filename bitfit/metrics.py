@@ -28,6 +28,12 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(tensor_bytes(tensor) for tensor in [*model.parameters(), *model.buffers()])
 
 
+def parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters this process holds: under --fsdp its shards (a DTensor's local part)."""
+    return sum(tensor_bytes(param.to_local() if hasattr(param, "to_local") else param)
+               for param in model.parameters())
+
+
 def tensor_bytes(tensor: torch.Tensor) -> int:
     if hasattr(type(tensor), "__tensor_flatten__"):  # a tensor subclass such as torchao's NF4Tensor
         inner, _ = tensor.__tensor_flatten__()
@@ -119,5 +125,8 @@ def format_summary(summary: dict) -> str:
     if summary["world_size"] > 1:
         rows.append(("ranks", f"{summary['world_size']} (counts and throughput are their sum, "
                               f"peak GPU memory the largest rank's)"))
+    if summary["fsdp"]:
+        rows.append(("parameters", f"{gib(max(summary['parameter_bytes_per_rank']))} per rank at most "
+                                   f"(sharded by --fsdp)"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

@@ -7,10 +7,15 @@ fingerprints of the base and of the data, and a resumed run refuses to go on if 
 
 The training loop calls save_checkpoint_if_due after every optimizer step, inside StopOnCtrlC:
 a checkpoint is written every --save-every steps, and when Ctrl-C asks the run to stop.
+
+Under --fsdp (bitfit.fsdp) no rank holds the whole of the trained tensors: each rank writes its
+shards of them and of AdamW's moments with torch.distributed.checkpoint, into a folder beside
+checkpoint.pt, which then names it (save_sharded_training_state).
 """
 
 import dataclasses
 import random
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -19,32 +24,70 @@ import torch
 from tqdm import tqdm
 
 from bitfit.bias import trainable_parameters
-from bitfit.checkpoint import refuse_non_finite, save_torch
+from bitfit.checkpoint import first_non_finite, refuse_non_finite, save_torch
 from bitfit.config import TrainConfig
 from bitfit.distributed import any_rank
 from bitfit.errors import InputError, Interrupted
-from bitfit.rundir import CHECKPOINT_FILE, find_checkpoint
+from bitfit.rundir import CHECKPOINT_FILE, SHARDED_CHECKPOINT, find_checkpoint
 
 CHECKPOINT_FORMAT = "bitfit-checkpoint/1"
 CHECKPOINT_KEYS = ("config", "trainable", "optimizer", "progress", "rng")
+SHARDED_CHECKPOINT_KEYS = ("config", "progress", "rng")  # --fsdp: the tensors are in the folder it names
 
 
 def save_training_state(output_dir, model, optimizer, config, progress: dict) -> None:
     state = {
-        "format": CHECKPOINT_FORMAT,
-        "config": config.to_dict(),
+        **run_state(config, progress),
         "trainable": {name: param.detach().to("cpu", copy=True)
                       for name, param in trainable_parameters(model).items()},
         # The learning-rate schedule needs no state of its own: it is a function of the step.
         "optimizer": optimizer.state_dict(),
+    }
+    refuse_non_finite(state["trainable"], f"checkpoint at optimizer step {progress['step']}")
+    save_torch(state, Path(output_dir) / CHECKPOINT_FILE)
+
+
+def run_state(config, progress: dict) -> dict:
+    """All of a checkpoint but the tensors: the settings, where the run stands, the random state."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "config": config.to_dict(),
         "progress": dict(progress),
         # Dropout draws from torch's generators; the data order has its own seeded one, and
         # bitfit draws no numpy random numbers.
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
-    refuse_non_finite(state["trainable"], f"checkpoint at optimizer step {progress['step']}")
-    save_torch(state, Path(output_dir) / CHECKPOINT_FILE)
+
+
+def save_sharded_training_state(output_dir, model, optimizer, config, progress: dict, *, device, world) -> None:
+    """--fsdp, on every rank: the trained tensors and AdamW's moments, each rank its shards, into a
+    folder named by the step; then rank 0 writes checkpoint.pt naming it, and removes older ones.
+    A crash before checkpoint.pt is replaced leaves it naming the previous, complete folder."""
+    import torch.distributed.checkpoint as dcp  # here, not above: one process never needs it
+
+    shards = {name: param.to_local() for name, param in trainable_parameters(model).items()}
+    if any_rank(first_non_finite(shards) is not None, device):  # every rank refuses, or none
+        raise InputError(f"checkpoint at optimizer step {progress['step']}: the trained tensors hold NaN or "
+                         f"inf values; nothing was written (try a lower --lr)")
+    output_dir = Path(output_dir)
+    folder = output_dir / SHARDED_CHECKPOINT.format(step=progress["step"])
+    dcp.save(sharded_state(model, optimizer), checkpoint_id=folder)
+    if world.is_main:
+        save_torch({**run_state(config, progress), "sharded": folder.name}, output_dir / CHECKPOINT_FILE)
+        for old in output_dir.glob(SHARDED_CHECKPOINT.format(step="*")):
+            if old != folder:
+                shutil.rmtree(old)
+
+
+def sharded_state(model, optimizer) -> dict:
+    """The state torch.distributed.checkpoint saves, and loads into: the trained tensors (not the
+    frozen weights, which come from the base again) and AdamW's moments, as this rank's shards."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    return {"model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)),
+            "optimizer": get_optimizer_state_dict(model, optimizer)}
 
 
 def load_training_state(run_dir: str) -> dict:
@@ -57,7 +100,8 @@ def load_training_state(run_dir: str) -> dict:
         raise InputError(f"{path}: not a readable bitfit checkpoint ({type(error).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{path}: not a bitfit checkpoint")
-    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state.get(key), dict)]
+    required = SHARDED_CHECKPOINT_KEYS if "sharded" in state else CHECKPOINT_KEYS
+    missing = [key for key in required if not isinstance(state.get(key), dict)]
     if "rng" not in missing:
         missing += [f"rng.{key}" for key in ("torch", "python", "cuda") if key not in state["rng"]]
     if missing:
@@ -68,6 +112,10 @@ def load_training_state(run_dir: str) -> dict:
     if unknown:
         raise InputError(f"{path}: unknown setting(s) {', '.join(unknown)} (written by another version of "
                          f"bitfit?)")
+    if "sharded" in state:  # --fsdp: from the name of its folder of shards to where that is now
+        state["sharded"] = str(path.parent / str(state["sharded"]))
+        if not Path(state["sharded"]).is_dir():
+            raise InputError(f"{path}: its shards, {state['sharded']}, are missing")
     return state
 
 
@@ -91,10 +139,13 @@ def restore_training_state(state: dict, model, optimizer) -> dict:
     """Load the tensors, optimizer and RNG state into a freshly set-up run; return its progress."""
     params = dict(model.named_parameters())
     try:
-        with torch.no_grad():
-            for name, tensor in state["trainable"].items():
-                params[name].copy_(tensor)
-        optimizer.load_state_dict(state["optimizer"])
+        if "sharded" in state:
+            load_sharded_state(state["sharded"], model, optimizer)
+        else:
+            with torch.no_grad():
+                for name, tensor in state["trainable"].items():
+                    params[name].copy_(tensor)
+            optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
     except (KeyError, ValueError, TypeError, RuntimeError) as error:  # a damaged or forged checkpoint
@@ -108,6 +159,18 @@ def restore_training_state(state: dict, model, optimizer) -> dict:
     return progress
 
 
+def load_sharded_state(folder: str, model, optimizer) -> None:
+    """--fsdp, on every rank: each loads its shards from the folder save_sharded_training_state wrote."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    state = sharded_state(model, optimizer)
+    dcp.load(state, checkpoint_id=folder)
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))  # no frozen weights
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
 def save_checkpoint_if_due(model, optimizer, config, progress: dict, *, total_steps: int, ctrl_c, device,
                            world, checkpoint_dir=None) -> None:
     """After an optimizer step: write checkpoint.pt every --save-every steps and at the last step,
@@ -119,7 +182,10 @@ def save_checkpoint_if_due(model, optimizer, config, progress: dict, *, total_st
     last_step = step == total_steps
     stop = any_rank(ctrl_c.pressed, device)  # every rank stops at the same step
     save = stop or (config.save_every and (step % config.save_every == 0 or last_step))
-    if save and world.is_main:  # the ranks hold the same state: one copy is enough
+    if save and config.fsdp:  # each rank holds shards of the state: all of them save
+        save_sharded_training_state(checkpoint_dir or config.output_dir, model, optimizer, config, progress,
+                                    device=device, world=world)
+    elif save and world.is_main:  # the ranks hold the same state: one copy is enough
         save_training_state(checkpoint_dir or config.output_dir, model, optimizer, config, progress)
     if stop and not last_step:
         raise Interrupted(f"checkpoint saved at optimizer step {step} of {total_steps} in "

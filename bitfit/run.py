@@ -7,7 +7,8 @@ changes an earlier run's files.
 
 The model's setup is four steps that run() calls in order, each a function below: freeze
 (what trains), place_on_device (where it lives; 4-bit weights with --quantize), set_precision_and_kernels
-(how it computes), build_optimizer (what updates it).
+(how it computes), build_optimizer (what updates it). With --fsdp, bitfit.fsdp.shard_model comes
+before the last: each rank keeps its shards of every parameter.
 """
 
 import dataclasses
@@ -18,16 +19,18 @@ import torch
 
 from bitfit.bias import (add_biases, count_parameters, describe_bias_terms, describe_counts, mask_gradients,
                          partly_trained, select_trainable, trainable_parameters)
-from bitfit.checkpoint import BIAS_FILE, base_fingerprint, save_bias_delta, save_json, save_model_folder
+from bitfit.checkpoint import (BIAS_FILE, base_fingerprint, bias_delta_metadata, save_bias_delta, save_json,
+                               save_model_folder)
 from bitfit.config import TrainConfig
 from bitfit.chat import chat_template_hash, choose_template
 from bitfit.data import load_rows_and_format, rows_fingerprint, split_rows, tokenize_rows
 from bitfit.formats import has_answer
 from bitfit.distributed import SINGLE, gather_objects
 from bitfit.errors import InputError, Interrupted
+from bitfit.fsdp import check_world, save_gathered, shard_model
 from bitfit.loop import count_optimizer_steps, new_progress, train_loop
-from bitfit.metrics import (MetricsLog, format_summary, peak_memory_bytes, peak_rss_bytes, perplexity,
-                            reset_peak_memory, weight_bytes, work_done)
+from bitfit.metrics import (MetricsLog, format_summary, parameter_bytes, peak_memory_bytes, peak_rss_bytes,
+                            perplexity, reset_peak_memory, weight_bytes, work_done)
 from bitfit.model import (fuse_tanh_gelu, keep_norms_in_fp32, load_model_and_tokenizer, pad_token_id,
                           position_limit, prefer_eager_attention_on_cpu, resolve_device, weights_dtype)
 from bitfit.quantize import describe_quantized, quantize_frozen_weights
@@ -44,6 +47,7 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=
     Under torchrun (world from bitfit.distributed.setup) every rank calls this; only rank 0
     logs and writes files.
     """
+    check_world(config, world)
     device = resolve_device(config.device)
     if device.type == "cuda" and world.world_size > 1:
         device = torch.device("cuda", world.local_rank)
@@ -92,6 +96,14 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=
         if config.quantize:
             log(describe_quantized(model))
         set_precision_and_kernels(model, config, device)
+        model_bytes = weight_bytes(model)  # the whole model's, before --fsdp shards it
+        if config.fsdp:
+            # A delta records its base's class and a fingerprint of its weights: read them while whole.
+            delta_metadata = bias_delta_metadata(
+                model, trained_names, config.model, template=config.template,
+                chat_template_hash=chat_template_hash(tokenizer) if config.template == "chat" else None)
+            shard_model(model, config, device, masks)
+        parameter_bytes_here = parameter_bytes(model)  # under --fsdp, this rank's shards
         optimizer = build_optimizer(model, config, device, no_decay=masks)
         if config.mode == "bitfit":
             log(describe_bias_terms(model, config.bias_terms))
@@ -130,14 +142,17 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=
         summary = build_summary(config, progress, trainable=trainable, total=total, device=device,
                                 dropped_rows=dropped + eval_dropped, eval_rows=len(eval_examples),
                                 world_size=world.world_size, peak_memory_per_rank=peak_memory_per_rank,
-                                weight_bytes=weight_bytes(model))
-        if world.is_main:  # every rank holds the same trained tensors
-            if config.mode == "bitfit":
-                save_bias_delta(staging / BIAS_FILE, model, trained_names, base_model=config.model,
-                                quantized_base=config.quantize, template=config.template,
-                                chat_template_hash=chat_template_hash(tokenizer) if config.template == "chat" else None)
-            else:
-                save_model_folder(staging / "model", model, tokenizer)
+                                weight_bytes=model_bytes,
+                                parameter_bytes_per_rank=gather_objects(parameter_bytes_here))
+        if config.fsdp:  # every rank takes part in gathering the shards; rank 0 writes
+            save_gathered(model, config, staging, trained_names, delta_metadata, tokenizer, world)
+        elif world.is_main and config.mode == "bitfit":  # every rank holds the same trained tensors
+            save_bias_delta(staging / BIAS_FILE, model, trained_names, base_model=config.model,
+                            quantized_base=config.quantize, template=config.template,
+                            chat_template_hash=chat_template_hash(tokenizer) if config.template == "chat" else None)
+        elif world.is_main:
+            save_model_folder(staging / "model", model, tokenizer)
+        if world.is_main:
             save_json(staging / SUMMARY_FILE, summary)
             folder.commit()
     log(format_summary(summary))
@@ -159,7 +174,7 @@ def fit_max_len_to_model(config: TrainConfig, log=print) -> TrainConfig:
 
 
 def build_summary(config, progress, *, trainable, total, device, dropped_rows, eval_rows, world_size=1,
-                  peak_memory_per_rank=None, weight_bytes=None) -> dict:
+                  peak_memory_per_rank=None, weight_bytes=None, parameter_bytes_per_rank=None) -> dict:
     """The run's summary; progress's counts are already global (summed over the ranks)."""
     if peak_memory_per_rank is None:
         peak_memory_per_rank = [peak_memory_bytes(device)]
@@ -176,6 +191,9 @@ def build_summary(config, progress, *, trainable, total, device, dropped_rows, e
         # The largest rank's peak: what a GPU must hold for the run to fit (null on CPU).
         "peak_memory_bytes": None if None in peak_memory_per_rank else max(peak_memory_per_rank),
         "peak_memory_bytes_per_rank": peak_memory_per_rank,
+        "fsdp": config.fsdp,
+        # The parameters each rank holds between steps: the whole model each, or under --fsdp its shards.
+        "parameter_bytes_per_rank": parameter_bytes_per_rank,
         "peak_rss_bytes": peak_rss_bytes(),
         "device": device_name(device),
         "dtype": config.dtype,
@@ -217,7 +235,8 @@ def place_on_device(model, config: TrainConfig, device: torch.device) -> None:
     (a 7B model in bf16 would not fit where its 4-bit copy does)."""
     if config.quantize:
         quantize_frozen_weights(model, device)
-    model.to(device)
+    if not config.fsdp:  # --fsdp: bitfit.fsdp.shard_model moves each rank's shards there, never the whole model
+        model.to(device)
 
 
 def set_precision_and_kernels(model, config: TrainConfig, device: torch.device) -> None:

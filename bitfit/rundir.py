@@ -27,6 +27,7 @@ CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_FILE = "checkpoint.pt"
+SHARDED_CHECKPOINT = "sharded-step-{step}"  # --fsdp: the ranks' shards of a checkpoint, beside it (bitfit.resume)
 RESUMABLE = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE)  # what a resumed run takes over
 RUN_FILES = (*RESUMABLE, SUMMARY_FILE, BIAS_FILE, "model")  # everything a run writes
 # Write failures that are the machine's state, not a bug: reported in one line like bad input.
@@ -99,7 +100,7 @@ class RunFolder:
             raise InputError(f"--output-dir {self.path} holds files that are not a bitfit run "
                              f"({', '.join(entries[:3])}); a run replaces the whole folder, so choose a new "
                              f"or empty one")
-        others = [name for name in entries if name not in RUN_FILES]
+        others = [name for name in entries if name not in RUN_FILES and not is_sharded_checkpoint(name)]
         if others:
             raise InputError(f"{self.path} also holds {', '.join(others[:3])}, which no run wrote; a run "
                              f"replaces the whole folder, so move them out of it first")
@@ -134,7 +135,7 @@ class RunFolder:
             self.log(f"continuing from the checkpoint in {self.staging}, left by a run that stopped "
                      f"before it finished")
             for entry in self.staging.iterdir():
-                if entry.name in RESUMABLE:
+                if entry.name in RESUMABLE or is_sharded_checkpoint(entry.name):
                     continue
                 if entry.is_dir():  # results or temporary files it was writing when it stopped
                     remove_tree(entry, self.log)
@@ -181,6 +182,10 @@ class RunFolder:
         if isinstance(error, InputError) and keeping:
             raise InputError(f"{error}{keeping}") from None
         return False
+
+
+def is_sharded_checkpoint(name: str) -> bool:
+    return name.startswith(SHARDED_CHECKPOINT.format(step=""))
 
 
 def check_output_path(path: Path, flag: str) -> None:

@@ -92,14 +92,17 @@ def alpaca_file(tmp_path):
     return str(path)
 
 
-def prepare_for_training(model, config, device):
+def prepare_for_training(model, config, device, shard=False):
     """The setup steps of bitfit.run.run, in its order, for tests that train a model they loaded:
-    returns (names of the trained tensors, optimizer)."""
+    returns (names of the trained tensors, optimizer). shard: --fsdp's step too (in a process group)."""
+    from bitfit.fsdp import shard_model
     from bitfit.run import build_optimizer, freeze, place_on_device, set_precision_and_kernels
 
     trained_names, masks = freeze(model, config)
     place_on_device(model, config, device)
     set_precision_and_kernels(model, config, device)
+    if shard:
+        shard_model(model, config, device, masks)
     return trained_names, build_optimizer(model, config, device, no_decay=masks)
 
 

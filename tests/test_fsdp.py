@@ -1,0 +1,246 @@
+"""--fsdp: two CPU processes under torchrun (gloo) shard tiny models, and train exactly as one process does.
+
+Every sharded run happens in one torchrun launch (fsdp_driver.py), started once for the module; each
+test compares a run from it with a run in this process at twice the micro-batch: 2 ranks x 4 == 1 x 8.
+The 9 training rows make each step's second global micro-batch a single example, so rank 1 has
+none of it and must run an idle micro-batch for the ranks' gathers to meet.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import train
+from bitfit.bias import trainable_parameters
+from bitfit.cli import run_main
+from bitfit.config import TrainConfig
+from bitfit.data import collate, tokenize_rows
+from bitfit.errors import InputError
+from bitfit.loop import train_step
+from bitfit.loss import label_token_count
+from bitfit.model import load_model_and_tokenizer, pad_token_id
+from bitfit.rundir import RunFolder
+from conftest import ROOT, ROWS, assert_same_metric_lines, metric_lines, prepare_for_training
+from test_add_biases import save_tiny
+
+CPU = torch.device("cpu")
+COMMON = ["--grad-accum", "2", "--max-steps", "2", "--eval-size", "1", "--log-every", "1", "--device", "cpu"]
+# name -> flags of both runs; the sharded one adds --fsdp --batch-size 4, the reference --batch-size 8.
+CASES = {
+    "bitfit": ["--save-every", "2"],
+    "full": ["--mode", "full", "--grad-checkpointing"],
+    # Two slices of GPT-2's fused q,k,v bias, one in each rank's shard; the untouched one spans both.
+    "slices": ["--bias-terms", "query,value"],
+    "llama": ["--add-biases"],  # the model is the tiny LLaMA: no biases of its own, an untied head
+}
+# bf16 through FSDP's MixedPrecisionPolicy: the same as one process to bf16's rounding, not exactly (one
+# micro-batch of 8 rounds differently from two of 4; full mode computes with bf16 copies of its norms too).
+BF16_CASES = {"bitfit-bf16": ["--dtype", "bf16"], "full-bf16": ["--mode", "full", "--dtype", "bf16"]}
+ALL_CASES = {**CASES, **BF16_CASES}
+# Resuming: 4 steps straight, and the same run stopped by Ctrl-C after step 2 and resumed to 4.
+RESUMED = {"bitfit": ["--bias-terms", "query,value"], "full": ["--mode", "full"]}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    """Run every case under torchrun with --fsdp in one launch; return the folder of their run folders."""
+    root = tmp_path_factory.mktemp("fsdp")
+    (root / "rows.json").write_text(json.dumps(ROWS))
+    llama = save_tiny(root / "tiny-llama", LlamaConfig, tiny_model_dir)
+    cases = [{"argv": fsdp_flags(root, name, tiny_model_dir, llama) + ["--output-dir", str(root / name)]}
+             for name in ALL_CASES]
+    for mode, flags in RESUMED.items():
+        argv = data_flags(root, tiny_model_dir) + ["--fsdp", "--batch-size", "4", "--grad-accum", "2",
+                                                   "--max-steps", "4", "--save-every", "2", "--log-every", "1",
+                                                   "--device", "cpu"] + flags
+        cases += [{"argv": argv + ["--output-dir", str(root / f"{mode}-straight")]},
+                  {"argv": argv + ["--output-dir", str(root / f"{mode}-stopped")], "ctrl_c_after_step": 2},
+                  {"argv": ["--resume", str(root / f"{mode}-stopped")]}]
+    (root / "cases.json").write_text(json.dumps(cases))
+    workdir = root / "workdir"
+    workdir.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run(torchrun + [str(ROOT / "tests" / "fsdp_driver.py"), str(root / "cases.json"),
+                                        str(root)],
+                            cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert list(workdir.iterdir()) == []  # nothing was written where the ranks were started
+    assert result.stdout.count("optimizer steps") == len(ALL_CASES) + 2 * len(RESUMED)  # rank 0's summaries only
+    return root
+
+
+def data_flags(root, tiny_model_dir, model=None):
+    return ["--model", model or tiny_model_dir, "--data", str(root / "rows.json")]
+
+
+def fsdp_flags(root, name, tiny_model_dir, llama):
+    model = llama if name == "llama" else tiny_model_dir
+    return data_flags(root, tiny_model_dir, model) + COMMON + ALL_CASES[name] + ["--fsdp", "--batch-size", "4"]
+
+
+def reference_run(runs, name, tiny_model_dir, tmp_path):
+    """The same case in this process at --batch-size 8; returns its run folder."""
+    model = str(runs / "tiny-llama") if name == "llama" else tiny_model_dir
+    folder = tmp_path / name
+    argv = data_flags(runs, tiny_model_dir, model) + COMMON + ALL_CASES[name] + ["--batch-size", "8",
+                                                                              "--output-dir", str(folder)]
+    assert run_main(train.main, argv) == 0
+    return folder
+
+
+def saved_tensors(folder):
+    return load_file(folder / "bias.safetensors") if (folder / "bias.safetensors").exists() else \
+        load_file(folder / "model" / "model.safetensors")
+
+
+def summary(folder):
+    return json.loads((folder / "summary.json").read_text())
+
+
+def assert_same_run(sharded, single):
+    """The same tensors saved (to 1e-5), metrics lines and counts; the sharded one sharded."""
+    expected, got = saved_tensors(single), saved_tensors(sharded)
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6)
+    assert_same_metric_lines(metric_lines(sharded), metric_lines(single), rel=1e-5)
+    for key in ("optimizer_steps", "samples", "tokens", "label_tokens", "trainable_params", "total_params"):
+        assert summary(sharded)[key] == summary(single)[key], key
+    assert (summary(sharded)["fsdp"], summary(single)["fsdp"]) == (True, False)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_two_ranks_at_batch_4_with_fsdp_train_like_one_process_at_batch_8(name, runs, tiny_model_dir, tmp_path):
+    single = reference_run(runs, name, tiny_model_dir, tmp_path)
+    assert_same_run(runs / name, single)
+    # Each rank holds about half the parameter bytes (shards are padded to equal sizes).
+    whole, = summary(single)["parameter_bytes_per_rank"]
+    assert all(0.5 <= share / whole < 0.55 for share in summary(runs / name)["parameter_bytes_per_rank"])
+    if name == "full":  # the same Hugging Face model folder: tied head written once, the class's own name
+        assert sorted(path.name for path in (runs / name / "model").iterdir()) == \
+            sorted(path.name for path in (single / "model").iterdir())
+        config = json.loads((runs / name / "model" / "config.json").read_text())
+        assert config["architectures"] == ["GPT2LMHeadModel"]
+    else:  # the same delta: the class, the base's fingerprint and the biases --add-biases created
+        files = [safe_open(str(folder / "bias.safetensors"), "pt") for folder in (runs / name, single)]
+        metadata = [file.metadata() for file in files]
+        assert metadata[0] == metadata[1]
+
+
+@pytest.mark.parametrize("name, tolerance", [("bitfit-bf16", 1e-4), ("full-bf16", 1e-3)])
+def test_bf16_with_fsdp_trains_like_one_process_to_bf16_rounding(name, tolerance, runs, tiny_model_dir, tmp_path):
+    single = reference_run(runs, name, tiny_model_dir, tmp_path)
+    expected, got = saved_tensors(single), saved_tensors(runs / name)
+    for key, tensor in expected.items():
+        assert got[key].dtype == tensor.dtype == torch.float32, key  # trained tensors stay fp32 masters
+        torch.testing.assert_close(got[key], tensor, rtol=0, atol=tolerance)
+    assert summary(runs / name)["train_loss"] == pytest.approx(summary(single)["train_loss"], rel=1e-4)
+
+
+def test_the_untouched_slice_of_a_sharded_fused_bias_stays_bit_identical(runs, tiny_model_dir):
+    """--bias-terms query,value trains the first and last thirds of c_attn's 96 entries; rank 0's shard
+    holds [0:48] and rank 1's [48:96], so each rank masks its own part of the key slice, [32:64]."""
+    base = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())
+    for name, tensor in load_file(runs / "slices" / "bias.safetensors").items():
+        before = base[name].detach()
+        assert torch.equal(tensor[32:64], before[32:64]), name
+        assert (tensor[:32] != before[:32]).all() and (tensor[64:] != before[64:]).all(), name
+
+
+@pytest.mark.parametrize("mode", RESUMED)
+def test_a_sharded_run_stopped_at_step_2_and_resumed_to_4_equals_4_straight(mode, runs):
+    straight, resumed = runs / f"{mode}-straight", runs / f"{mode}-stopped"
+    expected, got = saved_tensors(straight), saved_tensors(resumed)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-6, atol=1e-7)
+    assert metric_lines(resumed) == metric_lines(straight)
+    assert summary(resumed)["train_loss"] == pytest.approx(summary(straight)["train_loss"], rel=1e-6)
+    # Each rank wrote its shards with torch.distributed.checkpoint; checkpoint.pt names the last folder.
+    shards = sorted(path.name for path in (resumed / "sharded-step-4").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert [path.name for path in resumed.glob("sharded-step-*")] == ["sharded-step-4"]
+
+
+def test_only_rank_0_writes_the_run_folder(runs, tiny_model_dir, tmp_path):
+    """Rank 1 wrote nothing but its shards of the checkpoints; each run folder holds what one
+    process writes (and the folder of shards beside checkpoint.pt)."""
+    writes = json.loads((runs / "rank1_writes.json").read_text())
+    assert writes, "the audit hook saw nothing: it is not watching"
+    assert all("/sharded-step-" in path for path in writes), writes
+    assert any(path.endswith("__1_0.distcp") for path in writes)
+    single = reference_run(runs, "bitfit", tiny_model_dir, tmp_path)
+    assert sorted(path.name for path in (runs / "bitfit").iterdir()) == \
+        sorted([path.name for path in single.iterdir()] + ["sharded-step-2"])
+
+
+def test_the_run_folder_keeps_the_shards_its_checkpoint_names(tmp_path):
+    """A run folder holding a folder of shards is a run's own; a resumed run taking over a stopped
+    run's staging folder keeps them with its checkpoint (and drops what it was writing)."""
+    run, staging = tmp_path / "run", tmp_path / ".run.staging"
+    for folder, shards in ((run, "sharded-step-2"), (staging, "sharded-step-4")):
+        (folder / shards).mkdir(parents=True)
+        (folder / shards / "__0_0.distcp").write_bytes(b"shard")
+        for name in ("train_config.json", "checkpoint.pt"):
+            (folder / name).write_text("{}")
+    (staging / "model").mkdir()
+    with RunFolder(str(run), log=lambda message: None) as folder:
+        folder.open(resuming=True)
+        folder.stage(resuming=True)
+    kept = sorted(path.name for path in staging.iterdir())
+    assert kept == ["checkpoint.pt", "sharded-step-4", "train_config.json"]
+    assert (staging / "sharded-step-4" / "__0_0.distcp").read_bytes() == b"shard"
+
+
+def test_fsdp_without_torchrun_is_refused(tiny_model_dir, alpaca_file, tmp_path, capsys):
+    argv = ["--model", tiny_model_dir, "--data", alpaca_file, "--fsdp", "--output-dir", str(tmp_path / "run")]
+    assert run_main(train.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--fsdp shards the model over several processes" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"dtype": "fp16"}, "use --dtype bf16"),
+    ({"compile": True}, "--fsdp with --compile"),
+    ({"quantize": "nf4"}, "--fsdp with --quantize nf4"),
+])
+def test_fsdp_refuses_what_it_does_not_support(overrides, message):
+    with pytest.raises(InputError, match=message):
+        TrainConfig(fsdp=True, **overrides)
+
+
+def test_gradients_are_reduced_once_per_optimizer_step_not_once_per_micro_batch(tiny_model_dir, tmp_path):
+    """FSDP reduces the gradients in every backward pass unless told not to; train_step lets only the
+    last micro-batch's do it. Counted in a one-process group, where each reduction still ends with
+    FSDP putting the shard's gradient in place and running the hooks after accumulation."""
+    config = TrainConfig(model=tiny_model_dir, data="unused", fsdp=True)
+    plain, tokenizer = load_model_and_tokenizer(tiny_model_dir)
+    sharded, _ = load_model_and_tokenizer(tiny_model_dir)
+    examples, _ = tokenize_rows(ROWS[:6], tokenizer, max_len=64)
+    window = [collate(examples[start:start + 2], pad_token_id(tokenizer)) for start in (0, 2, 4)]
+    label_tokens = sum(label_token_count(batch["labels"]) for batch in window)
+    _, optimizer = prepare_for_training(plain, config, CPU)
+    train_step(plain, optimizer, window, label_tokens, max_grad_norm=1.0, device=CPU)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        _, optimizer = prepare_for_training(sharded, config, CPU, shard=True)
+        reductions = []
+        for param in trainable_parameters(sharded).values():
+            param.register_post_accumulate_grad_hook(lambda param: reductions.append(param))
+        train_step(sharded, optimizer, window, label_tokens, max_grad_norm=1.0, device=CPU)
+        assert len(reductions) == len(trainable_parameters(sharded)) > 0  # each once, not once per micro-batch
+        got = {name: param.full_tensor() for name, param in trainable_parameters(sharded).items()}
+    finally:
+        dist.destroy_process_group()
+    for name, param in trainable_parameters(plain).items():
+        torch.testing.assert_close(got[name], param.detach(), rtol=1e-5, atol=1e-6)
