@@ -22,7 +22,7 @@ DEFAULT_PROMPT = "List five steps for comparing two products."
 def parse_args(argv=None):
     parser = ArgumentParser(description="Answer prompts with a base model and BitFit bias deltas.")
     add = parser.add_argument
-    add("--model", help="base model: hub id or folder (default: the base recorded in the bias "
+    add("--model", help="base model: hub id, folder or .gguf file (default: the base recorded in the bias "
                         "deltas, else the built-in tiny GPT-2)")
     add("--bias", action="append", default=[],
         help="a run folder holding bias.safetensors, or the file itself; repeat to compare deltas")

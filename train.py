@@ -31,7 +31,7 @@ def build_parser() -> ArgumentParser:
                                          "train_config.json is one); flags given here override them")
     add("--mode", choices=MODES, help=f"bitfit trains the biases only; full trains every parameter "
                                       f"(default: {D.mode})")
-    add("--model", help="hub id or local folder (default: a built-in tiny GPT-2)")
+    add("--model", help="hub id, local folder or .gguf file (default: a built-in tiny GPT-2)")
     add("--data", help="hub dataset id or a local .json/.jsonl/.csv/.parquet file of rows in one of the "
                        "--format formats (default: a small sample of alpaca rows that ships with bitfit)")
     add("--split", help=f"dataset split for hub datasets (default: {D.split})")

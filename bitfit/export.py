@@ -25,7 +25,7 @@ def parse_args(argv=None):
     parser = ArgumentParser(prog="python -m bitfit.export",
                             description="Write a base model with a bias delta merged in as a model folder.")
     add = parser.add_argument
-    add("--model", help="base model: hub id or folder (default: the base recorded in the delta)")
+    add("--model", help="base model: hub id, folder or .gguf file (default: the base recorded in the delta)")
     add("--bias", required=True, help="a run folder holding bias.safetensors, or the file itself")
     add("--out", required=True, help="the model folder to write (new or empty)")
     add("--overwrite", action="store_true", help="replace --out even though it holds files")

@@ -1,4 +1,4 @@
-"""Loading a causal LM and its tokenizer: from the hub, from a folder, or the built-in tiny GPT-2."""
+"""Loading a causal LM and its tokenizer: from the hub, a folder, a GGUF file, or the built-in tiny GPT-2."""
 
 from pathlib import Path
 
@@ -7,6 +7,8 @@ from safetensors import SafetensorError
 
 from bitfit.config import ASSETS, DEFAULT_MODEL
 from bitfit.errors import InputError, library_logs_silenced
+from bitfit.fetch import missing_model_hint
+from bitfit.gguf_file import gguf_config, is_gguf_source, load_gguf_model_and_tokenizer
 
 TINY_GPT2_DIR = ASSETS / "tiny-gpt2"
 TINY_GPT2_SEED = 0
@@ -88,12 +90,14 @@ def prefer_eager_attention_on_cpu(model: torch.nn.Module, device: torch.device) 
 
 
 def load_model_and_tokenizer(name: str, dtype: torch.dtype = torch.float32):
-    """Return (model, tokenizer) for a hub id, a local folder, or DEFAULT_MODEL."""
+    """Return (model, tokenizer) for a hub id, a local folder, a GGUF file, or DEFAULT_MODEL."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     if name == DEFAULT_MODEL:
         return _load_builtin_tiny_gpt2(dtype)
+    if is_gguf_source(name):
+        return load_gguf_model_and_tokenizer(name, dtype)
     _check_model_source(name)
     try:
         with library_logs_silenced():
@@ -114,6 +118,8 @@ def position_limit(name: str) -> int | None:
 
     if name == DEFAULT_MODEL:
         name = str(TINY_GPT2_DIR)
+    elif is_gguf_source(name):
+        return getattr(gguf_config(name), "max_position_embeddings", None)
     else:
         _check_model_source(name)
     try:
@@ -131,6 +137,8 @@ def _first_line(error: Exception) -> str:
 
 def _check_model_source(name: str) -> None:
     path = Path(name).expanduser()
+    if not path.exists() and missing_model_hint(name):
+        raise InputError(f"model folder not found: {name}{missing_model_hint(name)}")
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or path.exists()
     if looks_like_path and not path.is_dir():
         raise InputError(f"model folder not found: {name}")

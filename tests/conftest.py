@@ -5,6 +5,7 @@ Dropout is off so that runs are deterministic and equivalences hold to float rou
 """
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bitfit.fetch import DEFAULT_DIR, MODELS  # noqa: E402
 from bitfit.model import tiny_gpt2_config, train_tokenizer  # noqa: E402
 
 ROWS = [
@@ -61,6 +63,26 @@ def tiny_model_dir(tmp_path_factory, tokenizer_texts):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+# The real model, where `python -m bitfit.fetch smollm2-135m-instruct` leaves it in the repository.
+REAL_MODEL = "smollm2-135m-instruct"
+REAL_MODEL_GGUF = ROOT / DEFAULT_DIR / MODELS[REAL_MODEL].file_name
+REAL_MODEL_DIR = ROOT / DEFAULT_DIR / REAL_MODEL
+REQUIRE_REAL_MODEL = "BITFIT_REQUIRE_REAL_MODEL"  # set by .ci/run
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """(GGUF file, converted folder) of SmolLM2-135M-Instruct. Where it has not been fetched the
+    tests that need it skip, except under REQUIRE_REAL_MODEL (CI), where they fail: a skip there
+    would pass a suite that never tested the real model."""
+    if not (REAL_MODEL_GGUF.is_file() and (REAL_MODEL_DIR / "config.json").is_file()):
+        message = f"the real model is not fetched: python -m bitfit.fetch {REAL_MODEL}"
+        if os.environ.get(REQUIRE_REAL_MODEL):
+            pytest.fail(f"{message} ({REQUIRE_REAL_MODEL} is set)")
+        pytest.skip(message)
+    return str(REAL_MODEL_GGUF), str(REAL_MODEL_DIR)
 
 
 @pytest.fixture

@@ -129,3 +129,49 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     captured = capsys.readouterr()
     assert status == 2 and message in captured.err and len(captured.err.strip().splitlines()) == 1
     assert captured.out == ""
+
+
+def test_smollm2_has_the_real_models_shape_and_bitfit_trains_added_biases_on_it():
+    model = bench.build_model("smollm2-135m", torch.float32, device="meta")
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008  # as the fetched model (test_real_model)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert not bench.arch_has_biases("smollm2-135m") and bench.arch_has_biases("tiny")
+    args = bench.build_parser().parse_args(["--arch", "smollm2-135m", "--device", "cpu"])
+    bench.fill_in_defaults(args)
+    assert bench.train_config(args, "bitfit", "fp32", 1).add_biases
+    assert not bench.train_config(args, "full", "fp32", 1).add_biases
+
+
+def defaults_for(device, argv=()):
+    args = bench.build_parser().parse_args([*argv])
+    args.device = device
+    bench.fill_in_defaults(args)
+    bench.skip_slow_half_precision(args)
+    return args
+
+
+@pytest.mark.parametrize("fast, dtypes", [(("fp32", "bf16"), ["fp32", "bf16"]), (("fp32",), ["fp32"])])
+def test_cpu_defaults_are_small_and_skip_half_precision_without_fast_kernels(fast, dtypes, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "cpu_has_fast_kernels", lambda dtype: dtype in fast)
+    args = defaults_for("cpu")
+    assert (args.dtypes, args.batch_sizes, args.rows, args.warmup_steps) == (dtypes, [1, 8], 64, 1)
+    skipped = "skipping bf16: this CPU multiplies bf16 matrices slower" in capsys.readouterr().err
+    assert skipped == (dtypes == ["fp32"])
+    asked = defaults_for("cpu", ["--dtypes", "fp16", "--rows", "16"])  # asked for: runs, and is labelled
+    assert (asked.dtypes, asked.rows, asked.batch_sizes) == (["fp16"], 16, [1, 8])
+    gpu = defaults_for("cuda")
+    assert (gpu.dtypes, gpu.batch_sizes, gpu.rows, gpu.warmup_steps) == (["fp32", "bf16"], [1, 4, 8], 256, 3)
+
+
+def test_half_precision_without_fast_kernels_is_labelled_in_the_line_and_the_table(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "cpu_has_fast_kernels", lambda dtype: dtype == "fp32")
+    monkeypatch.setattr(sys, "executable", shutil.which("false"))
+    run_main(bench.main, ["--arch", "smollm2-135m", "--rows", "4", "--batch-sizes", "1", "--dtypes", "fp32,fp16",
+                          "--device", "cpu"])
+    out = capsys.readouterr().out
+    results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [("note" in r) for r in results] == [False, False, True, True]
+    assert [r["added_biases"] for r in results] == [True, False, True, False]
+    assert "| bitfit (added biases) | fp16 (no fast kernels here) | 1 |" in out
+    assert "| full | fp32 | 1 |" in out
+

