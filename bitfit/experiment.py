@@ -11,11 +11,14 @@ through the model's own chat template (the seed's template for a tokenizer witho
 
 Each run trains from the same base with train.py, in a fresh process (so that its peak memory is
 its own): BitFit on all the biases --add-biases creates and full fine-tuning, for one epoch and for
-three; BitFit at a larger learning rate; BitFit on subsets of the biases. Then every model answers
-the held-out questions (greedy), and a program checks each reply: is it one JSON object with the
-one key "answer" and nothing else (the behaviour), and does it say the right answer (in any format,
-so the base is judged too). The table reports, per run: trained parameters, seconds, peak memory,
-held-out loss and those two shares, before and after.
+three; BitFit at a larger learning rate; BitFit on subsets of the biases; and BitFit in bf16 on the
+plain base against BitFit in bf16 on the 4-bit (--quantize nf4) base. Then every model answers the
+held-out questions (greedy), and a program checks each reply: is it one JSON object with the one key
+"answer" and nothing else (the behaviour), and does it say the right answer (in any format, so the
+base is judged too). A run is scored on the base it trained on, as generate.py serves it: the 4-bit
+runs on the 4-bit base (`generate.py --quantize nf4`), the others on the plain one. The table
+reports, per run: trained parameters, seconds, peak memory, held-out loss and those two shares,
+before (that base's own) and after.
 """
 
 import contextlib
@@ -44,6 +47,9 @@ RUNS = {
     "bitfit-lr3e-3-1ep": ([*BITFIT, "--lr", "3e-3"], 1),
     "bitfit-query-mlp-in-3ep": ([*BITFIT, "--bias-terms", "query,mlp-in"], 3),
     "bitfit-attn-out-3ep": ([*BITFIT, "--bias-terms", "attn-out"], 3),
+    # The 4-bit base (--quantize nf4) against the plain one, both in bf16 as --quantize is meant to run.
+    "bitfit-bf16-3ep": ([*BITFIT, "--dtype", "bf16"], 3),
+    "bitfit-nf4-3ep": ([*BITFIT, "--dtype", "bf16", "--quantize", "nf4"], 3),
     "full-1ep": (["--mode", "full"], 1),
     "full-3ep": (["--mode", "full"], 3),
 }
@@ -73,7 +79,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     from bitfit.chat import choose_template
     from bitfit.checkpoint import save_json
-    from bitfit.model import load_model_and_tokenizer
+    from bitfit.model import load_model_and_tokenizer, resolve_device
+    from bitfit.quantize import quantize_frozen_weights
 
     output_dir = Path(args.output_dir)
     model, tokenizer = load_model_and_tokenizer(args.model)  # the base: also checks --model before training
@@ -84,12 +91,20 @@ def main(argv=None) -> None:
 
     held_out = read_rows(HELD_OUT_DATA)
     print(f"answering the {len(held_out)} held-out questions", file=sys.stderr, flush=True)
-    base = score(model, tokenizer, held_out, template, args.device)
+    bases = {None: (model, score(model, tokenizer, held_out, template, args.device))}
     results = {}
     for name in args.runs:
-        with tuned(model, output_dir / name) as tuned_model:
-            results[name] = {**summaries[name], **score(tuned_model, tokenizer, held_out, template, args.device)}
-    report = {"model": args.model, "template": template, "held_out": held_out, "base": base, "runs": results}
+        quantize = summaries[name]["quantize"]
+        if quantize not in bases:  # the base this run trained on, as generate.py --quantize serves it
+            quantized = load_model_and_tokenizer(args.model)[0]
+            quantize_frozen_weights(quantized, resolve_device(args.device))
+            bases[quantize] = (quantized, score(quantized, tokenizer, held_out, template, args.device))
+        base, base_score = bases[quantize]
+        with tuned(base, output_dir / name) as tuned_model:
+            results[name] = {**summaries[name], "base": base_score,
+                             **score(tuned_model, tokenizer, held_out, template, args.device)}
+    report = {"model": args.model, "template": template, "held_out": held_out, "base": bases[None][1],
+              "runs": results}
     save_json(output_dir / "results.json", report)
     print(format_table(report))
     print()
@@ -115,7 +130,8 @@ def train(name: str, args, template: str, run_dir: Path) -> dict:
     settings = json.loads((run_dir / "train_config.json").read_text())
     return {"mode": summary["mode"], "bias_terms": settings["bias_terms"], "lr": settings["lr"], "epochs": epochs,
             **{key: summary[key] for key in ("trainable_params", "total_params", "optimizer_steps", "seconds",
-                                             "peak_memory_bytes", "peak_rss_bytes", "train_loss", "device")}}
+                                             "peak_memory_bytes", "peak_rss_bytes", "train_loss", "device",
+                                             "dtype", "quantize", "weight_bytes")}}
 
 
 @contextlib.contextmanager
@@ -186,7 +202,6 @@ def mentions(answer: str, expected: str) -> bool:
 def format_table(report: dict) -> str:
     from bitfit.metrics import gib
 
-    base = report["base"]
     lines = [f"{report['model']}: {len(read_rows(TRAIN_DATA))} training questions in micro-batches of 8, "
              f"{len(report['held_out'])} held-out questions; before -> after",
              "",
@@ -194,7 +209,10 @@ def format_table(report: dict) -> str:
              "| JSON replies | right replies |",
              "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for name, run in report["runs"].items():
+        base = run["base"]  # the base it trained on: the 4-bit one for --quantize runs
         trains = "every weight" if run["mode"] == "full" else f"biases: {run['bias_terms']}"
+        trains += f", {run['dtype']}" if run["dtype"] != "fp32" else ""
+        trains += f", on the {run['quantize']} base" if run["quantize"] else ""
         memory = gib(run["peak_memory_bytes"]) if run["peak_memory_bytes"] is not None else \
             f"{gib(run['peak_rss_bytes'])} RSS"
         lines.append(f"| {name} | {trains} | {run['lr']:g} | {run['epochs']} | {run['trainable_params']:,} "

@@ -59,9 +59,11 @@ def tiny_llama(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def experiment_run(tiny_llama, tmp_path_factory):
-    """The experiment's one-epoch BitFit and full runs on the tiny LLaMA: (output folder, stdout)."""
+    """The experiment's one-epoch BitFit and full runs, and BitFit on the 4-bit base, on the tiny LLaMA:
+    (output folder, stdout)."""
     folder = tmp_path_factory.mktemp("experiment")
-    command = [sys.executable, "-m", "bitfit.experiment", "--model", tiny_llama, "--runs", "bitfit-1ep,full-1ep",
+    command = [sys.executable, "-m", "bitfit.experiment", "--model", tiny_llama, "--runs",
+               "bitfit-1ep,full-1ep,bitfit-nf4-3ep",
                "--device", "cpu", "--output-dir", str(folder)]
     # One thread per process: on a busy two-core machine two spend more time waiting than computing.
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -87,6 +89,19 @@ def test_the_experiment_trains_each_run_from_the_base_and_scores_the_held_out_re
     assert bitfit["held_out_loss"] != report["base"]["held_out_loss"] != full["held_out_loss"]
     assert "| bitfit-1ep | biases: all | 0.001 | 1 | 576 (" in out
     assert "| full-1ep | every weight | 5e-05 | 1 |" in out
+
+
+def test_a_4_bit_run_is_scored_before_and_after_on_the_4_bit_base(experiment_run):
+    folder, out = experiment_run
+    report = json.loads((folder / "results.json").read_text())
+    plain, nf4 = report["runs"]["bitfit-1ep"], report["runs"]["bitfit-nf4-3ep"]
+    assert (nf4["quantize"], nf4["dtype"], plain["quantize"]) == ("nf4", "bf16", None)
+    assert plain["base"] == report["base"]  # the plain runs start from the plain base
+    # The 4-bit base is its own "before": its weights differ from the plain base's by the rounding.
+    assert nf4["base"]["held_out_loss"] != report["base"]["held_out_loss"]
+    assert nf4["weight_bytes"] < plain["weight_bytes"]
+    assert f"| bitfit-nf4-3ep | biases: all, bf16, on the nf4 base | 0.001 | 3 | 576 (" in out
+    assert f"| {nf4['base']['held_out_loss']:.3f} → {nf4['held_out_loss']:.3f} |" in out
 
 
 def test_a_delta_is_applied_for_scoring_and_the_base_restored_after(experiment_run, tiny_llama):
