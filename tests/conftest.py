@@ -85,6 +85,28 @@ def real_model():
     return str(REAL_MODEL_GGUF), str(REAL_MODEL_DIR)
 
 
+def save_tiny(folder, config_class, tokenizer_dir):
+    """A 2-layer model of config_class (random weights) with the tiny GPT-2's tokenizer, saved to folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = config_class(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                          bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tiny_model_dir, tmp_path_factory):
+    """A 2-layer LLaMA (no bias anywhere, RMSNorm without one too) with the tiny GPT-2's tokenizer."""
+    from transformers import LlamaConfig
+
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"), LlamaConfig, tiny_model_dir)
+
+
 @pytest.fixture
 def alpaca_file(tmp_path):
     path = tmp_path / "rows.json"

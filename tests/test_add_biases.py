@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig
 
 import generate
 import train
@@ -19,29 +19,13 @@ from bitfit.data import tokenize_rows
 from bitfit.errors import InputError
 from bitfit.loop import train_loop
 from bitfit.model import load_model_and_tokenizer, pad_token_id
-from conftest import ROWS, prepare_for_training
+from conftest import ROWS, prepare_for_training, save_tiny
 
 CPU = torch.device("cpu")
 PROBE = torch.tensor([[5, 17, 42, 99, 3, 250]])
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
-
-def save_tiny(folder, config_class, tokenizer_dir):
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = config_class(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                          bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tiny_model_dir, tmp_path_factory):
-    """A 2-layer LLaMA (no bias anywhere, RMSNorm without one too) with the tiny GPT-2's tokenizer."""
-    return save_tiny(tmp_path_factory.mktemp("tiny-llama"), LlamaConfig, tiny_model_dir)
 
 
 def load_base(folder):

@@ -13,7 +13,7 @@ import re
 import pytest
 from transformers import AutoTokenizer
 
-from bitfit.chat import chat_template_hash, conversation_pieces, prompt_ids, show_masked
+from bitfit.chat import conversation_pieces, prompt_ids, show_masked
 from bitfit.config import DEFAULT_DATA
 from bitfit.data import IGNORE_INDEX, conversation_example, format_prompt, load_rows, tokenize_example, tokenize_rows
 from bitfit.errors import InputError

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from bitfit import experiment
 from bitfit.model import load_model_and_tokenizer
@@ -45,24 +44,11 @@ def test_a_right_reply_mentions_the_answer_as_a_whole_word_in_any_case():
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tiny_model_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def experiment_run(tiny_llama, tmp_path_factory):
+def experiment_run(llama_dir, tmp_path_factory):
     """The experiment's one-epoch BitFit and full runs, and BitFit on the 4-bit base, on the tiny LLaMA:
     (output folder, stdout)."""
     folder = tmp_path_factory.mktemp("experiment")
-    command = [sys.executable, "-m", "bitfit.experiment", "--model", tiny_llama, "--runs",
+    command = [sys.executable, "-m", "bitfit.experiment", "--model", llama_dir, "--runs",
                "bitfit-1ep,full-1ep,bitfit-nf4-3ep",
                "--device", "cpu", "--output-dir", str(folder)]
     # One thread per process: on a busy two-core machine two spend more time waiting than computing.
@@ -100,13 +86,13 @@ def test_a_4_bit_run_is_scored_before_and_after_on_the_4_bit_base(experiment_run
     # The 4-bit base is its own "before": its weights differ from the plain base's by the rounding.
     assert nf4["base"]["held_out_loss"] != report["base"]["held_out_loss"]
     assert nf4["weight_bytes"] < plain["weight_bytes"]
-    assert f"| bitfit-nf4-3ep | biases: all, bf16, on the nf4 base | 0.001 | 3 | 576 (" in out
+    assert "| bitfit-nf4-3ep | biases: all, bf16, on the nf4 base | 0.001 | 3 | 576 (" in out
     assert f"| {nf4['base']['held_out_loss']:.3f} → {nf4['held_out_loss']:.3f} |" in out
 
 
-def test_a_delta_is_applied_for_scoring_and_the_base_restored_after(experiment_run, tiny_llama):
+def test_a_delta_is_applied_for_scoring_and_the_base_restored_after(experiment_run, llama_dir):
     folder, _ = experiment_run
-    base, _ = load_model_and_tokenizer(tiny_llama)
+    base, _ = load_model_and_tokenizer(llama_dir)
     before = {name: value.clone() for name, value in base.state_dict().items()}
     probe = torch.tensor([[5, 17, 42, 99]])
     with torch.no_grad():

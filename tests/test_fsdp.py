@@ -32,8 +32,7 @@ from bitfit.metrics import tensor_bytes
 from bitfit.model import load_model_and_tokenizer, pad_token_id, tiny_gpt2_config
 from bitfit.quantize import quantize_frozen_weights
 from bitfit.rundir import RunFolder
-from conftest import ROOT, ROWS, assert_same_metric_lines, metric_lines, prepare_for_training
-from test_add_biases import save_tiny
+from conftest import ROOT, ROWS, assert_same_metric_lines, metric_lines, prepare_for_training, save_tiny
 
 CPU = torch.device("cpu")
 NF4_SPLIT = ("quantized_data", "quantized_scalers", "quantization_factor")  # what FSDP splits of a 4-bit weight

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.pytorch_utils import Conv1D
 
 import generate
@@ -36,20 +36,6 @@ NF4_PARTS = ("quantized_data", "quantized_scalers", "quantization_factor", "scal
 # NF4 keeps 16 levels per 64-weight block: a Gaussian weight comes back with ~9% relative RMS error
 # (measured: 9.2%). Through two layers the tiny models' logits move 3.4% (GPT-2) and 7.1% (LLaMA).
 WEIGHT_RTOL, LOGITS_RTOL = 0.12, 0.10
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tiny_model_dir, tmp_path_factory):
-    """A 2-layer LLaMA (no biases anywhere) with the tiny GPT-2's tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 def load_base(folder, quantize=False):
