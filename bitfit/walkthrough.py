@@ -7,6 +7,8 @@ faster and with options; tests/test_walkthrough.py checks that both give the sam
 It runs offline, in seconds.
 """
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -127,4 +129,6 @@ def show_tokens(tokenizer, example: dict, examples: int) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from bitfit.cli import run_main  # as every script: one line for bad input, library noise kept quiet
+
+    sys.exit(run_main(lambda argv: main()))

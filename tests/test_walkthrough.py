@@ -101,3 +101,16 @@ def test_the_readmes_worked_example_takes_its_numbers_from_the_walkthrough(walke
                        for other in printed_numbers if "." in other), number
         else:
             assert number in printed_numbers, number
+
+
+def test_the_walkthrough_run_as_the_readme_says_prints_nothing_but_its_step(walked):
+    """python -m bitfit.walkthrough is a learner's first command: its output and nothing else (no
+    library's import-time log lines on stderr)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "bitfit.walkthrough"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert done.stdout == walked[1]
