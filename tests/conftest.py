@@ -47,11 +47,15 @@ def tokenizer_texts():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer_texts):
     """A 2-layer GPT-2 (random weights, dropout off) and its tokenizer, saved to disk."""
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    return save_gpt2(folder, train_tokenizer(tokenizer_texts, vocab_size=400), width=32)
+
+
+def save_gpt2(folder, tokenizer, width: int) -> str:
+    """A 2-layer GPT-2 of the given width (random weights and biases, dropout off) and tokenizer, saved to folder."""
     from transformers import GPT2LMHeadModel
 
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    tokenizer = train_tokenizer(tokenizer_texts, vocab_size=400)
-    config = tiny_gpt2_config(tokenizer, n_positions=128, n_embd=32, n_layer=2, n_head=2,
+    config = tiny_gpt2_config(tokenizer, n_positions=128, n_embd=width, n_layer=2, n_head=2,
                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config)

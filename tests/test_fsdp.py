@@ -29,10 +29,10 @@ from bitfit.fsdp import describe_4bit_shards
 from bitfit.loop import train_step
 from bitfit.loss import label_token_count
 from bitfit.metrics import tensor_bytes
-from bitfit.model import load_model_and_tokenizer, pad_token_id, tiny_gpt2_config
+from bitfit.model import load_model_and_tokenizer, pad_token_id
 from bitfit.quantize import quantize_frozen_weights
 from bitfit.rundir import RunFolder
-from conftest import ROOT, ROWS, assert_same_metric_lines, metric_lines, prepare_for_training, save_tiny
+from conftest import ROOT, ROWS, assert_same_metric_lines, metric_lines, prepare_for_training, save_gpt2, save_tiny
 
 CPU = torch.device("cpu")
 NF4_SPLIT = ("quantized_data", "quantized_scalers", "quantization_factor")  # what FSDP splits of a 4-bit weight
@@ -70,7 +70,7 @@ def runs(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     (root / "rows.json").write_text(json.dumps(ROWS))
     llama = save_tiny(root / "tiny-llama", LlamaConfig, tiny_model_dir)
-    save_wide_gpt2(root / "wide-gpt2", tiny_model_dir)
+    save_gpt2(root / "wide-gpt2", AutoTokenizer.from_pretrained(tiny_model_dir), width=128)
     cases = [{"argv": fsdp_flags(root, name, tiny_model_dir, llama) + ["--output-dir", str(root / name)]}
              for name in ALL_CASES]
     for mode, flags in RESUMED.items():
@@ -96,21 +96,6 @@ def runs(tiny_model_dir, tmp_path_factory):
     assert result.stdout.count("optimizer steps") == len(ALL_CASES) + 2 * len(RESUMED) + 1
     (root / "stdout.txt").write_text(result.stdout)
     return root
-
-
-def save_wide_gpt2(folder, tokenizer_dir):
-    """A 2-layer GPT-2 of width 128 with the tiny GPT-2's tokenizer (random weights and biases, no dropout)."""
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = tiny_gpt2_config(tokenizer, n_positions=128, n_embd=128, n_layer=2, n_head=2,
-                              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(0, 0.02)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
 
 
 def nf4_flags(root, tiny_model_dir):
