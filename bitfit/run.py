@@ -69,25 +69,11 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=
             refuse_changed_inputs(resume_state["progress"], fingerprints, config.output_dir)
         # The data and prompt formats as resolved, so that train_config.json says what ran.
         config = dataclasses.replace(config, format=data_format, template=choose_template(config.template, tokenizer))
-        examples, dropped = tokenize_rows(train_rows, tokenizer, config.max_len, config.template)
-        eval_examples, eval_dropped = tokenize_rows(eval_rows, tokenizer, config.max_len, config.template)
-        if not any(has_answer(row) for row in train_rows):
-            raise InputError(f"none of the {len(train_rows)} training rows has an assistant turn: there is nothing "
-                             f"to train on")
-        if not examples:
-            raise InputError(f"every one of the {len(train_rows)} training rows was dropped: no response "
-                             f"token fits in --max-len {config.max_len}; raise --max-len")
-        if eval_rows and not eval_examples:
-            raise InputError(f"every one of the {len(eval_rows)} held-out rows was dropped by --max-len "
-                             f"{config.max_len}; raise --max-len or --eval-size")
+        examples, eval_examples, dropped = examples_to_train_on(train_rows, eval_rows, tokenizer, config)
         log(textwrap.fill("settings: " + "  ".join(f"{key}={value}" for key, value in config.to_dict().items()),
                           width=100, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False))
-        if dropped or eval_dropped:
-            unanswered = sum(not has_answer(row) for row in rows)
-            too_long = dropped + eval_dropped - unanswered
-            reasons = ([f"{unanswered} have no assistant turn"] if unanswered else []) + (
-                [f"{too_long} had their response cut away by --max-len {config.max_len}"] if too_long else [])
-            log(f"dropped {dropped + eval_dropped} of {len(rows)} rows: {'; '.join(reasons)}")
+        if dropped:
+            log(describe_dropped(rows, dropped, config.max_len))
 
         # Dropout (each rank its own masks); the data order has its own seeded generator.
         torch.manual_seed(config.seed + world.rank)
@@ -97,11 +83,12 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=
             log(describe_quantized(model))
         set_precision_and_kernels(model, config, device)
         model_bytes = weight_bytes(model)  # the whole model's, before --fsdp shards it
+        delta_metadata = None
         if config.fsdp:
             # A delta records its base's class and a fingerprint of its weights: read them while whole.
-            delta_metadata = bias_delta_metadata(
-                model, trained_names, config.model, quantized_base=config.quantize, template=config.template,
-                chat_template_hash=chat_template_hash(tokenizer) if config.template == "chat" else None)
+            delta_metadata = bias_delta_metadata(model, trained_names, config.model, quantized_base=config.quantize,
+                                                 template=config.template,
+                                                 chat_template_hash=template_hash(tokenizer, config))
             if config.quantize:
                 log(describe_4bit_shards(model, world.world_size))
             shard_model(model, config, device, masks)
@@ -142,23 +129,60 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=
 
         peak_memory_per_rank = gather_objects(peak_memory_bytes(device))
         summary = build_summary(config, progress, trainable=trainable, total=total, device=device,
-                                dropped_rows=dropped + eval_dropped, eval_rows=len(eval_examples),
+                                dropped_rows=dropped, eval_rows=len(eval_examples),
                                 world_size=world.world_size, peak_memory_per_rank=peak_memory_per_rank,
                                 weight_bytes=model_bytes,
                                 parameter_bytes_per_rank=gather_objects(parameter_bytes_here))
-        if config.fsdp:  # every rank takes part in gathering the shards; rank 0 writes
-            save_gathered(model, config, staging, trained_names, delta_metadata, tokenizer, world)
-        elif world.is_main and config.mode == "bitfit":  # every rank holds the same trained tensors
-            save_bias_delta(staging / BIAS_FILE, model, trained_names, base_model=config.model,
-                            quantized_base=config.quantize, template=config.template,
-                            chat_template_hash=chat_template_hash(tokenizer) if config.template == "chat" else None)
-        elif world.is_main:
-            save_model_folder(staging / "model", model, tokenizer)
+        save_trained(model, tokenizer, config, staging, trained_names, world, delta_metadata)
         if world.is_main:
             save_json(staging / SUMMARY_FILE, summary)
             folder.commit()
     log(format_summary(summary))
     return summary
+
+
+def examples_to_train_on(train_rows: list[dict], eval_rows: list[dict], tokenizer, config: TrainConfig):
+    """(training examples, held-out examples, rows dropped): tokenized as the steps read them. Data that
+    leaves nothing to train on is refused here, before the run folder is touched."""
+    examples, dropped = tokenize_rows(train_rows, tokenizer, config.max_len, config.template)
+    eval_examples, eval_dropped = tokenize_rows(eval_rows, tokenizer, config.max_len, config.template)
+    if not any(has_answer(row) for row in train_rows):
+        raise InputError(f"none of the {len(train_rows)} training rows has an assistant turn: there is nothing "
+                         f"to train on")
+    if not examples:
+        raise InputError(f"every one of the {len(train_rows)} training rows was dropped: no response "
+                         f"token fits in --max-len {config.max_len}; raise --max-len")
+    if eval_rows and not eval_examples:
+        raise InputError(f"every one of the {len(eval_rows)} held-out rows was dropped by --max-len "
+                         f"{config.max_len}; raise --max-len or --eval-size")
+    return examples, eval_examples, dropped + eval_dropped
+
+
+def describe_dropped(rows: list[dict], dropped: int, max_len: int) -> str:
+    unanswered = sum(not has_answer(row) for row in rows)
+    too_long = dropped - unanswered
+    reasons = ([f"{unanswered} have no assistant turn"] if unanswered else []) + (
+        [f"{too_long} had their response cut away by --max-len {max_len}"] if too_long else [])
+    return f"dropped {dropped} of {len(rows)} rows: {'; '.join(reasons)}"
+
+
+def save_trained(model, tokenizer, config: TrainConfig, staging, trained_names, world, delta_metadata=None) -> None:
+    """Write what the run trained into the staging folder: BitFit's delta, or full mode's model folder."""
+    if config.fsdp:  # every rank takes part in gathering the shards; rank 0 writes
+        save_gathered(model, config, staging, trained_names, delta_metadata, tokenizer, world)
+    elif not world.is_main:
+        return  # every rank holds the same trained tensors: rank 0's are written
+    elif config.mode == "bitfit":
+        save_bias_delta(staging / BIAS_FILE, model, trained_names, base_model=config.model,
+                        quantized_base=config.quantize, template=config.template,
+                        chat_template_hash=template_hash(tokenizer, config))
+    else:
+        save_model_folder(staging / "model", model, tokenizer)
+
+
+def template_hash(tokenizer, config: TrainConfig) -> str | None:
+    """What a delta records of the chat template it was trained through (bitfit.chat)."""
+    return chat_template_hash(tokenizer) if config.template == "chat" else None
 
 
 def fit_max_len_to_model(config: TrainConfig, log=print) -> TrainConfig:
