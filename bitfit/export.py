@@ -1,6 +1,6 @@
 """Merge a bias delta into its base and write an ordinary Hugging Face model folder, e.g.
 
-    python -m bitfit.export --bias runs/bitfit --out runs/bitfit/merged
+    python -m bitfit.export --bias runs/bitfit --out runs/bitfit-merged
 
 The folder (weights with the tuned biases in place, config, tokenizer with its chat template)
 loads with AutoModelForCausalLM.from_pretrained and needs neither bitfit nor the delta to run.
@@ -37,8 +37,7 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     from bitfit.chat import has_chat_template
-    from bitfit.checkpoint import (apply_bias_delta, delta_added_biases, load_bias_delta, recorded_base,
-                                   save_model_folder)
+    from bitfit.checkpoint import load_bias_delta, recorded_base, save_model_folder
     from bitfit.inference import prompt_template
     from bitfit.model import load_model_and_tokenizer
 
@@ -49,13 +48,12 @@ def main(argv=None) -> None:
     out = Path(args.out)
     _check_out_folder(out, model_name, args.overwrite)
     model, tokenizer = load_model_and_tokenizer(model_name)
-    try:
-        apply_bias_delta(model, tensors, metadata, force=args.force)
-    except InputError as error:
-        raise InputError(f"{args.bias}: {error} (this base: {model_name})") from None
     # The folder keeps the tokenizer's chat template, so it must be the one the delta trained through.
     template = prompt_template(tokenizer, [metadata], force=args.force)
-    flags = hold_added_biases(model, delta_added_biases(metadata)) if delta_added_biases(metadata) else []
+    try:
+        flags = merge_bias_delta(model, tensors, metadata, force=args.force)
+    except InputError as error:
+        raise InputError(f"{args.bias}: {error} (this base: {model_name})") from None
     save_model_folder(out, model, tokenizer)
     note = f" (config: {', '.join(f'{flag}=True' for flag in flags)}, for the added biases)" if flags else ""
     print(f"wrote {out}: {model_name} with the {len(tensors)} bias tensors of {args.bias} merged in{note}")
@@ -65,7 +63,7 @@ def main(argv=None) -> None:
 
 
 def merge_bias_delta(model, tensors: dict, metadata: dict | None = None, force: bool = False) -> list[str]:
-    """Put a delta into model for good, as main does, so that save_model_folder writes an ordinary
+    """Put a delta into model for good, so that save_model_folder writes an ordinary
     model folder: check and apply it (bitfit.checkpoint.apply_bias_delta), then switch on the config
     flags that give the biases --add-biases created a place in the folder; return those flags.
     """

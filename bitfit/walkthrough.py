@@ -16,9 +16,9 @@ from bitfit.config import DEFAULT_DATA, DEFAULT_MODEL
 from bitfit.data import IGNORE_INDEX, collate, load_rows, tokenize_rows
 from bitfit.model import load_model_and_tokenizer, pad_token_id
 
-ROWS = 8  # the examples of this one optimizer step
 BATCH_SIZE = 2  # examples per micro-batch: the most that goes through the model at once
-GRAD_ACCUM = 4  # micro-batches per optimizer step (2 x 4 = 8 rows)
+GRAD_ACCUM = 4  # micro-batches per optimizer step
+ROWS = BATCH_SIZE * GRAD_ACCUM  # the examples of this one optimizer step: 8
 LR = 1e-3  # BitFit's default learning rate (bitfit.config.DEFAULT_LR)
 MAX_GRAD_NORM = 1.0
 MAX_LEN = 256  # tokens per example, prompt included
@@ -66,7 +66,7 @@ def main() -> torch.nn.Module:
     # 5. Collate a window of micro-batches: right-pad each micro-batch to its longest example,
     # input_ids with the pad id, attention_mask 0 and labels -100 over the padding.
     window = [collate(examples[start:start + BATCH_SIZE], pad_token_id(tokenizer))
-              for start in range(0, ROWS, BATCH_SIZE)]
+              for start in range(0, BATCH_SIZE * GRAD_ACCUM, BATCH_SIZE)]
     shapes = ", ".join(str(tuple(batch["input_ids"].shape)) for batch in window)
     print(f"window: {len(window)} micro-batches; input_ids, attention_mask, labels: {shapes}")
 
