@@ -13,7 +13,7 @@ import math
 import sys
 
 from bitfit.cli import ArgumentParser, run_main
-from bitfit.config import DEFAULT_MODEL, DEVICES, QUANTIZE, TEMPLATES, check_seed
+from bitfit.config import DEFAULT_MODEL, DEVICES, QUANTIZE, TEMPLATE_ALIASES, TEMPLATES, check_seed
 from bitfit.errors import InputError
 
 DEFAULT_PROMPT = "List five steps for comparing two products."
@@ -36,8 +36,9 @@ def parse_args(argv=None):
     add("--max-new-tokens", type=int, default=64)
     add("--temperature", type=float, default=0.0, help="0 means greedy decoding")
     add("--compare", action="store_true", help="print the base model's answer, then the tuned ones")
-    add("--template", choices=TEMPLATES,
-        help="prompt through the seed's template or the tokenizer's chat template (default: the one the deltas "
+    add("--template", choices=(*TEMPLATES, *TEMPLATE_ALIASES),
+        help="prompt through the human-assistant template (the seed notebook's; seed is its older name) or the "
+             "tokenizer's chat template (default: the one the deltas "
              "were trained with; without deltas, chat where the tokenizer has a chat template)")
     add("--force", action="store_true",
         help="apply a delta even though its recorded base fingerprint, or chat template, differs from this base's")
@@ -66,10 +67,18 @@ def main(argv=None) -> None:
     import torch
     from tqdm import tqdm
 
-    from bitfit.checkpoint import (apply_bias_delta, check_bias_delta, load_bias_delta, recorded_base,
-                                   remove_bias_delta)
-    from bitfit.inference import generate_answers, prompt_template, read_prompts, room_for_answers, show_prompt
-    from bitfit.model import load_model_and_tokenizer, position_limit, resolve_device
+    from bitfit.data.prompts import read_prompts
+    from bitfit.model.compute import resolve_device
+    from bitfit.model.generation import generate_answers, room_for_answers, show_prompt
+    from bitfit.model.loading import load_model_and_tokenizer, position_limit
+    from bitfit.store.delta import (
+        apply_bias_delta,
+        check_bias_delta,
+        load_bias_delta,
+        prompt_template,
+        recorded_base,
+        remove_bias_delta,
+    )
 
     prompts = read_prompts(args.prompts) if args.prompts else [(args.prompt or DEFAULT_PROMPT, args.input)]
     deltas = [(path, *load_bias_delta(path)) for path in args.bias]
@@ -78,7 +87,7 @@ def main(argv=None) -> None:
     device = resolve_device(args.device)
     model, tokenizer = load_model_and_tokenizer(model_name)
     if args.quantize:
-        from bitfit.quantize import quantize_frozen_weights
+        from bitfit.model.quantize import quantize_frozen_weights
 
         quantize_frozen_weights(model, device)
     model.to(device)

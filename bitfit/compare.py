@@ -15,17 +15,18 @@ import shlex
 import sys
 from pathlib import Path
 
-from bitfit.checkpoint import BIAS_FILE, atomic_write
 from bitfit.cli import ArgumentParser, run_main
-from bitfit.config import MODES
+from bitfit.config import MODES, canonical_template
 from bitfit.errors import InputError
-from bitfit.metrics import gib
-from bitfit.resume import CHECKPOINT_FILE
+from bitfit.store.delta import BIAS_FILE
+from bitfit.store.files import atomic_write
+from bitfit.store.metrics import gib
+from bitfit.store.run_folder import CHECKPOINT_FILE
 
 # Settings that change what the runs saw: where they differ, the numbers are not like for like.
 SAME_DATA_SETTINGS = ("model", "data", "split", "limit", "max_len", "seed", "eval_size", "template")
-# What runs from before a setting existed used: they wrote their prompts in the seed's template.
-SETTINGS_BEFORE = {"template": "seed"}
+# What runs from before a setting existed used: they wrote their prompts in the human-assistant template.
+SETTINGS_BEFORE = {"template": "human-assistant"}
 # What every run's summary.json holds, and which of its values are numbers.
 SUMMARY_KEYS = ("mode", "model", "trainable_params", "total_params", "trainable_percent", "optimizer_steps",
                 "samples", "train_loss")
@@ -192,6 +193,8 @@ def differing_settings(runs: list[dict]) -> dict[str, list]:
     differing = {}
     for key in SAME_DATA_SETTINGS:
         values = [run["config"].get(key, SETTINGS_BEFORE.get(key)) for run in runs]
+        if key == "template":  # seed is human-assistant's older name
+            values = [canonical_template(value) for value in values]
         if any(value != values[0] for value in values):
             differing[key] = values
     return differing

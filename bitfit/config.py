@@ -24,9 +24,12 @@ MODES = ("bitfit", "full")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("fp32", "bf16", "fp16")
 QUANTIZE = ("nf4",)
-# Data formats, told apart by their columns (bitfit.formats); prompt formats (bitfit.chat).
+# Data formats, told apart by their columns (bitfit.data.formats); prompt formats (bitfit.data.templates).
 FORMATS = ("alpaca", "prompt-completion", "messages", "sharegpt")
-TEMPLATES = ("seed", "chat")
+# human-assistant is the seed notebook's "Human: ... Assistant: " prompt; it was called "seed", which
+# also names the random seed (--seed), so the old name stays only as an alias, in flags and in files.
+TEMPLATES = ("human-assistant", "chat")
+TEMPLATE_ALIASES = {"seed": "human-assistant"}
 
 # BitFit trains ~0.04% of the numbers, each bias nudging a whole feature, so it needs far
 # larger steps than full fine-tuning: the BitFit paper used 1e-4..1e-3. Full fine-tuning
@@ -48,7 +51,7 @@ class TrainConfig:
     limit: int | None = None  # use the first N rows
     max_len: int = 256  # tokens per example, prompt included
     format: str | None = None  # the data's format (FORMATS); None: told by its columns
-    template: str | None = None  # seed or chat; None: chat where the tokenizer has a chat template
+    template: str | None = None  # human-assistant or chat; None: chat where the tokenizer has a chat template
     batch_size: int = 1  # examples per micro-batch
     grad_accum: int = 8  # micro-batches per optimizer step
     epochs: int = 1
@@ -64,16 +67,17 @@ class TrainConfig:
     save_every: int | None = None  # optimizer steps between resumable checkpoints
     output_dir: str | None = None  # None means runs/<mode>
     device: str = "auto"
-    dtype: str = "fp32"  # fp32, or bf16/fp16 autocast (see bitfit.model.weights_dtype)
+    dtype: str = "fp32"  # fp32, or bf16/fp16 autocast (see bitfit.model.compute.weights_dtype)
     group_by_length: bool = False  # micro-batches of similar lengths: less padding
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, more time
     compile: bool = False  # torch.compile the transformer body
-    bias_terms: str = "all"  # BitFit: comma list of bias groups or regular expressions (bitfit.bias)
+    bias_terms: str = "all"  # BitFit: comma list of bias groups or regular expressions (bitfit.model.bias_terms)
     add_biases: bool = False  # BitFit: give the chosen bias-less Linear layers zero biases to train
-    quantize: str | None = None  # BitFit: "nf4" holds the frozen block weights in 4 bits (bitfit.quantize)
-    fsdp: bool = False  # under torchrun: shard every parameter over the ranks (bitfit.fsdp)
+    quantize: str | None = None  # BitFit: "nf4" holds the frozen block weights in 4 bits (bitfit.model.quantize)
+    fsdp: bool = False  # under torchrun: shard every parameter over the ranks (bitfit.parallel.fsdp)
 
     def __post_init__(self):
+        self.template = canonical_template(self.template)
         _check_choice("--mode", self.mode, MODES)
         _check_choice("--device", self.device, DEVICES)
         _check_choice("--dtype", self.dtype, DTYPES)
@@ -132,6 +136,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def canonical_template(name: str | None) -> str | None:
+    """A template's name as bitfit writes it now: seed, its old name, is human-assistant."""
+    return TEMPLATE_ALIASES.get(name, name)
 
 
 def check_seed(seed, flag="--seed"):

@@ -1,4 +1,7 @@
-"""The one exception type that means "the user can fix this", and quiet loading."""
+"""The errors the command-line tools report in one line (InputError, Diverged, Interrupted), and quiet loading.
+
+Every layer of bitfit may import this module; it imports nothing of bitfit's.
+"""
 
 import contextlib
 import logging
@@ -12,7 +15,7 @@ class InputError(Exception):
     """
 
 
-# Logged while torchao is imported (by bitfit.quantize, and by transformers itself whenever torchao
+# Logged while torchao is imported (by bitfit.model.quantize, and by transformers itself whenever torchao
 # is installed): a CPU build's "Failed to load ..._C_cutlass_90a.abi3.so" for CUDA kernels that
 # bitfit never uses, and torch's note on a deprecated pytree registration. Neither concerns a run.
 TORCHAO_IMPORT_NOISE = ("torchao", "torch.utils._pytree")
@@ -34,6 +37,14 @@ def library_logs_silenced(names=("datasets", "transformers", "huggingface_hub"))
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+class Diverged(Exception):
+    """Training diverged: the loss or the gradient became inf or NaN, or the trained tensors hold them.
+
+    Not the user's input at fault, but not a bug either: the run stops before writing anything,
+    and the CLIs print one line and exit with status 3 (a lower --lr is the usual cure).
+    """
 
 
 class Interrupted(Exception):

@@ -7,7 +7,7 @@ SmolLM2-135M-Instruct knows many of the answers (capitals, sums, plurals, chemic
 never writes them that way: asked "What is the capital of France?" it says "The capital of France
 is Paris." bitfit/assets/json_answers_train.json teaches the format on 158 questions;
 json_answers_held_out.json holds 42 others of the same kinds, never trained on. Questions are put
-through the model's own chat template (the seed's template for a tokenizer without one).
+through the model's own chat template (the human-assistant template for a tokenizer without one).
 
 Each run trains from the same base with train.py, in a fresh process (so that its peak memory is
 its own): BitFit on all the biases --add-biases creates and full fine-tuning, for one epoch and for
@@ -77,10 +77,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from bitfit.chat import choose_template
-    from bitfit.checkpoint import save_json
-    from bitfit.model import load_model_and_tokenizer, resolve_device
-    from bitfit.quantize import quantize_frozen_weights
+    from bitfit.data.templates import choose_template
+    from bitfit.model.compute import resolve_device
+    from bitfit.model.loading import load_model_and_tokenizer
+    from bitfit.model.quantize import quantize_frozen_weights
+    from bitfit.store.files import save_json
 
     output_dir = Path(args.output_dir)
     model, tokenizer = load_model_and_tokenizer(args.model)  # the base: also checks --model before training
@@ -138,8 +139,8 @@ def train(name: str, args, template: str, run_dir: Path) -> dict:
 def tuned(base, run_dir: Path):
     """The base with a run's result in place: its bias delta applied (and removed afterwards),
     or, for full fine-tuning, the model folder it wrote."""
-    from bitfit.checkpoint import BIAS_FILE, apply_bias_delta, load_bias_delta, remove_bias_delta
-    from bitfit.model import load_model_and_tokenizer
+    from bitfit.model.loading import load_model_and_tokenizer
+    from bitfit.store.delta import BIAS_FILE, apply_bias_delta, load_bias_delta, remove_bias_delta
 
     if not (run_dir / BIAS_FILE).is_file():
         yield load_model_and_tokenizer(str(run_dir / "model"))[0]
@@ -161,10 +162,11 @@ def read_rows(path: Path) -> list[dict]:
 def score(model, tokenizer, rows: list[dict], template: str, device: str) -> dict:
     """Held-out loss (token-weighted, as in training) and the greedy answers, checked."""
     from bitfit.config import TrainConfig
-    from bitfit.data import tokenize_rows
-    from bitfit.inference import generate_answers
-    from bitfit.loop import evaluate
-    from bitfit.model import pad_token_id, resolve_device
+    from bitfit.core.loop import evaluate
+    from bitfit.data.tokenize import tokenize_rows
+    from bitfit.model.compute import resolve_device
+    from bitfit.model.generation import generate_answers
+    from bitfit.model.loading import pad_token_id
 
     device = resolve_device(device)
     model.to(device)
@@ -200,7 +202,7 @@ def mentions(answer: str, expected: str) -> bool:
 
 
 def format_table(report: dict) -> str:
-    from bitfit.metrics import gib
+    from bitfit.store.metrics import gib
 
     lines = [f"{report['model']}: {len(read_rows(TRAIN_DATA))} training questions in micro-batches of 8, "
              f"{len(report['held_out'])} held-out questions; before -> after",

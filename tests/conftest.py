@@ -16,8 +16,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bitfit.fetch import DEFAULT_DIR, MODELS  # noqa: E402
-from bitfit.model import tiny_gpt2_config, train_tokenizer  # noqa: E402
+from bitfit.model.known import DEFAULT_DIR, MODELS  # noqa: E402
+from bitfit.model.tiny import tiny_gpt2_config, train_tokenizer  # noqa: E402
 
 ROWS = [
     {"instruction": "Name three primary colors.", "input": "", "output": "Red, yellow and blue."},
@@ -118,18 +118,13 @@ def alpaca_file(tmp_path):
     return str(path)
 
 
-def prepare_for_training(model, config, device, shard=False):
-    """The setup steps of bitfit.run.run, in its order, for tests that train a model they loaded:
-    returns (names of the trained tensors, optimizer). shard: --fsdp's step too (in a process group)."""
-    from bitfit.fsdp import shard_model
-    from bitfit.run import build_optimizer, freeze, place_on_device, set_precision_and_kernels
+def prepare_for_training(model, config, device):
+    """The setup steps of a run (bitfit.training.setup.setup_model), quietly, for tests that train a
+    model they loaded: returns (names of the trained tensors, optimizer)."""
+    from bitfit.training.setup import setup_model
 
-    trained_names, masks = freeze(model, config)
-    place_on_device(model, config, device)
-    set_precision_and_kernels(model, config, device)
-    if shard:
-        shard_model(model, config, device, masks)
-    return trained_names, build_optimizer(model, config, device, no_decay=masks)
+    setup = setup_model(model, config, device, log=lambda line: None)
+    return setup.trained_names, setup.optimizer
 
 
 TIMING = {"seconds", "tokens_per_s"}  # metrics.jsonl keys that differ from run to run

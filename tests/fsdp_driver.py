@@ -18,16 +18,16 @@ from pathlib import Path
 import torch
 
 import train
-from bitfit import distributed
 from bitfit.errors import Interrupted
-from bitfit.metrics import MetricsLog
-from bitfit.run import run
+from bitfit.parallel import torchrun
+from bitfit.store.metrics import MetricsLog
+from bitfit.training.run import run
 
 WRITE_EVENTS = {"os.rename", "os.remove", "os.mkdir", "os.rmdir", "shutil.rmtree", "shutil.move"}
 
 
 def main(cases_file: str, watched: str) -> None:
-    world = distributed.setup(torch.device("cpu"))
+    world = torchrun.setup(torch.device("cpu"))
     writes = []
     if not world.is_main:
         sys.addaudithook(lambda event, args: record_write(event, args, Path(watched), writes))
@@ -42,7 +42,7 @@ def main(cases_file: str, watched: str) -> None:
             stop_after(None)
             torch.distributed.barrier()  # rank 0 may still be writing what the next case reads
     finally:
-        distributed.cleanup()
+        torchrun.cleanup()
     if not world.is_main:
         (Path(watched) / "rank1_writes.json").write_text(json.dumps(sorted(set(writes))))
 

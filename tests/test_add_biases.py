@@ -4,22 +4,24 @@ import json
 
 import pytest
 import torch
+from conftest import ROWS, prepare_for_training, save_tiny
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig
 
 import generate
 import train
 from bitfit import export
-from bitfit.bias import add_biases, is_added_bias, is_bias, select_trainable
-from bitfit.checkpoint import (apply_bias_delta, base_fingerprint, load_bias_delta, remove_bias_delta,
-                               save_bias_delta)
 from bitfit.cli import run_main
 from bitfit.config import TrainConfig
-from bitfit.data import tokenize_rows
+from bitfit.core.loop import train_loop
+from bitfit.core.trainable import is_bias
+from bitfit.data.tokenize import tokenize_rows
 from bitfit.errors import InputError
-from bitfit.loop import train_loop
-from bitfit.model import load_model_and_tokenizer, pad_token_id
-from conftest import ROWS, prepare_for_training, save_tiny
+from bitfit.model.added_biases import add_biases, is_added_bias
+from bitfit.model.bias_terms import select_trainable
+from bitfit.model.fingerprint import base_fingerprint
+from bitfit.model.loading import load_model_and_tokenizer, pad_token_id
+from bitfit.store.delta import apply_bias_delta, load_bias_delta, remove_bias_delta, save_bias_delta
 
 CPU = torch.device("cpu")
 PROBE = torch.tensor([[5, 17, 42, 99, 3, 250]])

@@ -5,12 +5,12 @@ import subprocess
 import sys
 
 import torch
+from conftest import ROOT
 from safetensors.torch import load_file
 
 import bitfit
-from bitfit.bias import is_bias
-from bitfit.model import load_model_and_tokenizer
-from conftest import ROOT
+from bitfit.core.trainable import is_bias
+from bitfit.model.loading import load_model_and_tokenizer
 
 
 def readme_snippet() -> str:
@@ -40,8 +40,8 @@ def test_the_readme_snippet_runs_and_does_what_it_says(tmp_path, monkeypatch, ca
 def test_every_public_name_is_there():
     for name in bitfit.__all__:
         assert getattr(bitfit, name) is not None, name
-    from bitfit.loop import train_step
-    from bitfit.run import run
+    from bitfit.core.step import train_step
+    from bitfit.training.run import run
 
     assert bitfit.train is run and bitfit.train_step is train_step
 

@@ -9,11 +9,11 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT
 
 from bitfit import bench
 from bitfit.cli import run_main
-from bitfit.data import IGNORE_INDEX
-from conftest import ROOT
+from bitfit.core.examples import IGNORE_INDEX
 
 REQUIRED_KEYS = {"mode", "arch", "dtype", "micro_batch", "grad_accum", "rows", "samples_per_s",
                  "tokens_per_s", "peak_allocated_bytes", "peak_reserved_bytes", "peak_rss_bytes", "mfu",

@@ -5,22 +5,29 @@ import signal
 
 import pytest
 import torch
+from conftest import ROWS, prepare_for_training
 from safetensors.torch import load_file
-from transformers import (AutoModelForCausalLM, BloomConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, OPTConfig,
-                          Qwen2Config)
+from transformers import (
+    AutoModelForCausalLM,
+    BloomConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    OPTConfig,
+    Qwen2Config,
+)
 
 import train
-from bitfit.bias import (choose_biases, count_parameters, describe_bias_terms, is_bias, partly_trained,
-                         select_trainable)
 from bitfit.config import TrainConfig
-from bitfit.data import tokenize_rows
+from bitfit.core.loop import train_loop
+from bitfit.core.trainable import count_parameters, is_bias
+from bitfit.data.tokenize import tokenize_rows
 from bitfit.errors import InputError, Interrupted
-from bitfit.loop import train_loop
-from bitfit.metrics import MetricsLog
-from bitfit.model import load_model_and_tokenizer, pad_token_id
-from bitfit.resume import load_training_state
-from bitfit.run import run
-from conftest import ROWS, prepare_for_training
+from bitfit.model.bias_terms import choose_biases, describe_bias_terms, partly_trained, select_trainable
+from bitfit.model.loading import load_model_and_tokenizer, pad_token_id
+from bitfit.store.checkpoint import load_training_state
+from bitfit.store.metrics import MetricsLog
+from bitfit.training.run import run
 
 CPU = torch.device("cpu")
 HIDDEN, HEADS, LAYERS = 12, 3, 2  # 3 heads of 4: per-head interleaving differs from thirds

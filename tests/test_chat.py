@@ -11,16 +11,18 @@ import json
 import re
 
 import pytest
-from transformers import AutoTokenizer
-
-from bitfit.chat import conversation_pieces, prompt_ids, show_masked
-from bitfit.config import DEFAULT_DATA
-from bitfit.data import IGNORE_INDEX, conversation_example, format_prompt, load_rows, tokenize_example, tokenize_rows
-from bitfit.errors import InputError
-from bitfit.formats import as_messages
-from bitfit.model import TINY_GPT2_DIR
 from conftest import ROOT
 from test_formats import CONVERSATION
+from transformers import AutoTokenizer
+
+from bitfit.config import DEFAULT_DATA
+from bitfit.core.examples import IGNORE_INDEX
+from bitfit.data.formats import as_messages
+from bitfit.data.rows import load_rows
+from bitfit.data.templates import conversation_pieces, format_prompt, prompt_ids, show_masked
+from bitfit.data.tokenize import conversation_example, tokenize_example, tokenize_rows
+from bitfit.errors import InputError
+from bitfit.model.loading import TINY_GPT2_DIR
 
 CHATML = ("{% for message in messages %}"
           "{% if loop.first and message['role'] != 'system' %}"
@@ -104,7 +106,7 @@ def test_the_template_holds_the_only_bos():
     assert tokenizer("Hi")["input_ids"][0] == bos  # the tokenizer adds one by itself
     (chat,), _ = tokenize_rows([{"messages": CONVERSATION}], tokenizer, 256, "chat")
     assert chat["input_ids"][0] == bos and chat["input_ids"].count(bos) == 1
-    (seed,), _ = tokenize_rows([{"messages": CONVERSATION}], tokenizer, 256, "seed")
+    (seed,), _ = tokenize_rows([{"messages": CONVERSATION}], tokenizer, 256, "human-assistant")
     assert seed["input_ids"][0] == bos and seed["input_ids"].count(bos) == 1
     assert prompt_ids(tokenizer, CONVERSATION[:2], "chat").count(bos) == 1
 
@@ -117,7 +119,7 @@ def test_alpaca_rows_under_chat_are_one_user_turn_and_one_answer(tokenizer):
 
 
 def test_seed_conversations_train_every_answer_and_its_eos(tokenizer):
-    example = tokenize_example({"messages": CONVERSATION}, tokenizer, 256, "seed")
+    example = tokenize_example({"messages": CONVERSATION}, tokenizer, 256, "human-assistant")
     eos = tokenizer.eos_token
     assert [tokenizer.decode(run) for run in label_runs(example)] == ["Red." + eos, "Blue." + eos]
     assert tokenizer.decode(example["input_ids"], skip_special_tokens=False).removeprefix(
@@ -145,14 +147,14 @@ def test_alpaca_under_the_seed_template_gives_the_tokens_it_gave_before():
             assert (len(examples), dropped) == (count, dropped_before)
             tokens = json.dumps([[example["input_ids"], example["labels"]] for example in examples])
             assert hashlib.sha256(tokens.encode()).hexdigest()[:16] == digest
-    assert prompt_ids(builtin, [{"role": "user", "content": "Add.\n2 and 3"}], "seed") == \
+    assert prompt_ids(builtin, [{"role": "user", "content": "Add.\n2 and 3"}], "human-assistant") == \
         builtin(format_prompt("Add.", "2 and 3"))["input_ids"]
 
 
 # ------------------------------------------------------------------------------ truncation
 
 
-@pytest.mark.parametrize("template", ["seed", "chat"])
+@pytest.mark.parametrize("template", ["human-assistant", "chat"])
 def test_truncation_keeps_whole_leading_turns_and_the_part_of_an_answer_that_fits(tokenizer, template):
     whole = tokenize_example({"messages": CONVERSATION}, tokenizer, 1000, template)
     (first_start, first_end), (second_start, second_end) = label_spans(whole)
@@ -173,7 +175,7 @@ def test_truncation_keeps_whole_leading_turns_and_the_part_of_an_answer_that_fit
 # --------------------------------------------------------------------- generation's prompts
 
 
-@pytest.mark.parametrize("template", ["seed", "chat"])
+@pytest.mark.parametrize("template", ["human-assistant", "chat"])
 def test_the_generation_prompt_is_the_training_prompt_token_for_token(tokenizer, template):
     example = tokenize_example({"messages": CONVERSATION}, tokenizer, 1000, template)
     starts = [start for start, _ in label_spans(example)]
@@ -217,7 +219,7 @@ class CountingTokenizer:
         return getattr(self.tokenizer, name)
 
 
-@pytest.mark.parametrize("template", ["seed", "chat"])
+@pytest.mark.parametrize("template", ["human-assistant", "chat"])
 def test_the_prompt_lengths_counted_up_front_drop_exactly_the_rows_left_without_labels(tokenizer, template):
     rows = varied_rows()
     # The reference: every row tokenized whole, with no shortcut, then cut.
@@ -268,14 +270,15 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_before_any_row():
         tokenize_rows([{"messages": CONVERSATION}], tokenizer, 256, "chat")
     assert re.fullmatch(r"the chat template does not render the conversation that begins user: 'Name a primary "
                         r"colour\.' turn by turn: the tokens of .* do not begin those of .* \(token \d+: .*\); it "
-                        r"rewrites earlier turns, so labels cannot be found by prefixes; try --template seed",
+                        r"rewrites earlier turns, so labels cannot be found by prefixes; "
+                        r"try --template human-assistant",
                         str(error.value))
 
 
 def test_a_template_with_no_special_end_of_turn_is_refused():
     tokenizer = templated_tokenizer("chatml", NO_MARKER)
     with pytest.raises(InputError, match=r"ends assistant turn 1 of the conversation that begins user: 'Name a "
-                                         r"primary colour.' with no special token .*; try --template seed"):
+                                         r"primary colour.' with no special token .*; try --template human-assistant"):
         tokenize_rows([{"messages": CONVERSATION}], tokenizer, 256, "chat")
 
 
@@ -290,11 +293,11 @@ def test_a_row_the_template_fails_to_render_is_named():
                                 "nothing at all, please, in...': empty turn")
 
 
-# ------------------------------------------------------------------- the README's picture
+# ------------------------------------------------------------------- the data page's picture
 
 
-def test_the_readme_shows_one_conversation_masked_as_the_code_masks_it():
-    readme = (ROOT / "README.md").read_text()
+def test_the_data_page_shows_one_conversation_masked_as_the_code_masks_it():
+    readme = (ROOT / "docs" / "data.md").read_text()
     row, picture, counts = re.search(r"\*\*One masked conversation\*\*.*?```json\n(.*?)\n```\n\n```text\n(.*?)\n```"
                                      r"\n\n(.*?)\n\n", readme, re.DOTALL).groups()
     assert json.loads(row) == {"messages": CONVERSATION}

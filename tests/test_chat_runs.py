@@ -6,18 +6,19 @@ import shutil
 
 import pytest
 import torch
+from conftest import cli, error_lines, folder_bytes, leftovers
 from safetensors import safe_open
 from safetensors.torch import save_file
+from test_chat import MARKS_THE_LAST_TURN, REFUSES_EMPTY_TURNS, templated_tokenizer
+from test_formats import CONVERSATION, write_jsonl
 from transformers import AutoTokenizer, GenerationMixin, GPT2Config, GPT2LMHeadModel
 
 import generate
 import train
 from bitfit import export
-from bitfit.chat import chat_template_hash, prompt_ids
-from bitfit.checkpoint import load_bias_delta
-from conftest import cli, error_lines, folder_bytes, leftovers
-from test_chat import MARKS_THE_LAST_TURN, REFUSES_EMPTY_TURNS, templated_tokenizer
-from test_formats import CONVERSATION, write_jsonl
+from bitfit.config import canonical_template
+from bitfit.data.templates import chat_template_hash, prompt_ids
+from bitfit.store.delta import load_bias_delta
 
 QUESTION = [{"role": "user", "content": "Name a primary colour."}]
 
@@ -103,14 +104,16 @@ def test_generate_prompts_a_chat_delta_through_the_chat_template(chat_run, chat_
     assert call["input_ids"].tolist() == [prompt_ids(tokenizer, QUESTION, "chat")]
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in call["eos_token_id"]  # stops at the end of the turn
 
-    # --prompts takes messages rows, and --template seed overrides what the delta recorded.
+    # --prompts takes messages rows, and --template human-assistant (or seed, its older name) overrides
+    # what the delta recorded.
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"messages": CONVERSATION[:4]}, {"messages": QUESTION}])
-    for template in ("chat", "seed"):
+    for template in ("chat", "human-assistant", "seed"):
         calls.clear()
         status, out, err = cli(generate.main, ["--bias", str(chat_run), "--prompts", prompts, "--max-new-tokens", "2",
                                                "--template", template], capsys)
         assert status == 0, err
-        expected = [prompt_ids(tokenizer, CONVERSATION[:4], template), prompt_ids(tokenizer, QUESTION, template)]
+        written = canonical_template(template)
+        expected = [prompt_ids(tokenizer, CONVERSATION[:4], written), prompt_ids(tokenizer, QUESTION, written)]
         (call,) = calls
         width = max(map(len, expected))
         assert [row[width - len(ids):] for row, ids in zip(call["input_ids"].tolist(), expected)] == expected
@@ -136,13 +139,14 @@ def test_generate_refuses_deltas_of_different_templates_unless_template_is_given
     argv = ["--bias", str(chat_run), "--bias", str(seed_delta), "--max-new-tokens", "2"]
     status, _, err = cli(generate.main, argv, capsys)
     assert status == 2
-    assert err.count("\n") == 1 and "different prompt formats (chat, seed); choose one with --template" in err
+    assert err.count("\n") == 1
+    assert "different prompt formats (chat, human-assistant); choose one with --template" in err
     status, out, err = cli(generate.main, [*argv, "--template", "seed"], capsys)
     assert status == 0 and out.count("### With bias delta") == 2, err
 
 
 @pytest.mark.parametrize("metadata, expected", [
-    ({"template": "chatml"}, "its template metadata is 'chatml', not one of seed, chat"),
+    ({"template": "chatml"}, "its template metadata is 'chatml', not one of human-assistant, chat"),
     ({"chat_template_hash": "not hex"}, "its chat_template_hash metadata is not 16 hex digits"),
 ])
 def test_a_delta_with_forged_template_metadata_is_refused(chat_run, metadata, expected, tmp_path, capsys):
@@ -192,7 +196,7 @@ def bad_chat_runs(tmp_path, tiny_model_dir, chat_model_dir):
     runs["wrong --format"] = (["--model", chat_model_dir, "--data", good, "--format", "sharegpt"],
                               "missing column(s) conversations for --format sharegpt")
     runs["chat without a chat template"] = (["--model", tiny_model_dir, "--data", good, "--template", "chat"],
-                                            "the tokenizer has no chat template; use --template seed")
+                                            "the tokenizer has no chat template; use --template human-assistant")
     rewrites = with_template(chat_model_dir, tmp_path / "rewrites", MARKS_THE_LAST_TURN)
     runs["template rewrites turns"] = (["--model", rewrites, "--data", good], "does not render the conversation")
     fails = with_template(chat_model_dir, tmp_path / "fails", REFUSES_EMPTY_TURNS)
@@ -234,4 +238,5 @@ def test_a_checkpoint_from_before_templates_resumes_in_the_seeds_template(chat_m
     status, _, err = cli(train.main, ["--resume", str(out), "--max-steps", "2"], capsys)
     assert status == 0, err
     settings = json.loads((out / "train_config.json").read_text())
-    assert (settings["format"], settings["template"]) == ("alpaca", "seed")  # not the model's chat template
+    # seed, human-assistant's older name, is recorded by its name; not the model's chat template
+    assert (settings["format"], settings["template"]) == ("alpaca", "human-assistant")

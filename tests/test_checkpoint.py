@@ -2,18 +2,18 @@
 
 import pytest
 import torch
+from conftest import ROWS
 from safetensors.torch import load_file
 
-from bitfit.bias import is_bias, select_trainable
-from bitfit.checkpoint import (apply_bias_delta, atomic_write, load_bias_delta, save_bias_delta,
-                               save_json)
 from bitfit.config import TrainConfig
-from bitfit.data import tokenize_rows
+from bitfit.core.loop import train_loop
+from bitfit.core.trainable import build_optimizer, is_bias
+from bitfit.data.tokenize import tokenize_rows
 from bitfit.errors import InputError
-from bitfit.loop import train_loop
-from bitfit.model import load_model_and_tokenizer, pad_token_id
-from bitfit.run import build_optimizer
-from conftest import ROWS
+from bitfit.model.bias_terms import select_trainable
+from bitfit.model.loading import load_model_and_tokenizer, pad_token_id
+from bitfit.store.delta import apply_bias_delta, load_bias_delta, save_bias_delta
+from bitfit.store.files import atomic_write, save_json
 
 PROBE = torch.tensor([[5, 17, 42, 99, 3, 250]])
 

@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, cli, error_lines, folder_bytes, leftovers
 
 import generate
 import train
-from conftest import ROOT, cli, error_lines, folder_bytes, leftovers
 
 
 def script(*args, cwd):
@@ -95,7 +95,6 @@ def bad_runs(tmp_path, tiny_model_dir, alpaca_file):
         "seed beyond 64 bits": ([*data, "--seed", str(2**64)], "--seed must be a whole number from 0"),
         "negative seed": ([*data, "--seed", "-1"], "--seed must be a whole number from 0"),
         "all rows dropped": ([*data, "--max-len", "4"], "rows was dropped"),
-        "non-finite loss": ([*data, "--lr", "1e30", "--max-steps", "4"], "non-finite at optimizer step"),
         "resume and overwrite": (["--resume", str(tmp_path / "run")], "give one of them"),
     }
 
@@ -103,7 +102,7 @@ def bad_runs(tmp_path, tiny_model_dir, alpaca_file):
 CASES = ["missing data file", "invalid json", "empty data file", "missing column", "missing model",
          "truncated model weights", "unknown mode", "batch size", "grad accum", "max len", "lr", "lr nan",
          "lr beyond float32", "weight decay inf", "weight decay nan", "weight decay x lr", "warmup ratio nan",
-         "max grad norm inf", "seed beyond 64 bits", "negative seed", "all rows dropped", "non-finite loss",
+         "max grad norm inf", "seed beyond 64 bits", "negative seed", "all rows dropped",
          "resume and overwrite"]
 
 
@@ -117,6 +116,20 @@ def test_bad_input_gives_one_line_and_keeps_earlier_files(case, tmp_path, tiny_m
     lines = error_lines(err)
     assert status == 2
     assert len(lines) == 1 and expected in lines[0], err
+    assert folder_bytes(earlier_run) == before
+    assert leftovers(earlier_run) == []
+
+
+def test_divergence_is_its_own_error_in_one_line_and_keeps_earlier_files(tmp_path, tiny_model_dir, alpaca_file,
+                                                                         earlier_run, capsys):
+    """A run whose loss becomes inf or NaN is not the user's input at fault: its own line, its own exit status."""
+    before = folder_bytes(earlier_run)
+    argv = ["--model", tiny_model_dir, "--data", alpaca_file, "--lr", "1e30", "--max-steps", "4",
+            "--output-dir", str(earlier_run), "--overwrite"]
+    status, _, err = cli(train.main, argv, capsys)
+    lines = error_lines(err)
+    assert status == 3
+    assert len(lines) == 1 and lines[0].startswith("diverged: the loss became non-finite at optimizer step"), err
     assert folder_bytes(earlier_run) == before
     assert leftovers(earlier_run) == []
 
@@ -174,12 +187,12 @@ def test_generate_refuses_a_prompt_longer_than_the_models_positions(tiny_model_d
 
 def test_generate_prints_each_batch_as_it_finishes_under_a_progress_bar(tiny_model_dir, tmp_path, capsys,
                                                                         monkeypatch):
-    import bitfit.inference
+    import bitfit.model.generation
     from bitfit.errors import InputError
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"Say {number}." for number in range(1, 6)))
-    answer = bitfit.inference.generate_answers
+    answer = bitfit.model.generation.generate_answers
     batches = []
 
     def fails_on_the_third_batch(model, tokenizer, instructions, **kwargs):
@@ -188,7 +201,7 @@ def test_generate_prints_each_batch_as_it_finishes_under_a_progress_bar(tiny_mod
             raise InputError("stopped in the third batch")
         return answer(model, tokenizer, instructions, **kwargs)
 
-    monkeypatch.setattr(bitfit.inference, "generate_answers", fails_on_the_third_batch)
+    monkeypatch.setattr(bitfit.model.generation, "generate_answers", fails_on_the_third_batch)
     status, stdout, err = cli(generate.main, ["--model", tiny_model_dir, "--prompts", str(prompts),
                                               "--batch-size", "2", "--max-new-tokens", "2"], capsys)
     assert status == 2 and "stopped in the third batch" in err

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from conftest import cli
 from safetensors.torch import load_file
 
 import train
-from conftest import cli
 
 
 def test_a_runs_own_train_config_reproduces_its_biases_exactly(tiny_model_dir, alpaca_file, tmp_path, capsys):

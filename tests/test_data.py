@@ -2,12 +2,14 @@ import json
 import os
 
 import pytest
+from conftest import ROWS
 from transformers import AutoTokenizer
 
-from bitfit.data import (IGNORE_INDEX, build_example, collate, format_prompt, load_rows,
-                         optimizer_windows, tokenize_rows)
+from bitfit.core.examples import IGNORE_INDEX, build_example, collate, optimizer_windows
+from bitfit.data.rows import load_rows
+from bitfit.data.templates import format_prompt
+from bitfit.data.tokenize import tokenize_rows
 from bitfit.errors import InputError
-from conftest import ROWS
 
 
 @pytest.fixture(scope="module")

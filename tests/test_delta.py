@@ -6,20 +6,26 @@ import shutil
 
 import pytest
 import torch
+from conftest import cli
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,
-                          GPTNeoXForCausalLM)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+)
 
 import generate
 from bitfit import export
-from bitfit.bias import is_bias
-from bitfit.checkpoint import (apply_bias_delta, base_fingerprint, load_bias_delta, remove_bias_delta,
-                               save_bias_delta)
+from bitfit.core.trainable import is_bias
 from bitfit.errors import InputError
-from bitfit.inference import generate_answers
-from bitfit.model import load_model_and_tokenizer
-from conftest import cli
+from bitfit.model.fingerprint import base_fingerprint
+from bitfit.model.generation import generate_answers
+from bitfit.model.loading import load_model_and_tokenizer
+from bitfit.store.delta import apply_bias_delta, load_bias_delta, remove_bias_delta, save_bias_delta
 
 PROBE = torch.tensor([[5, 17, 42, 99, 3, 250]])
 

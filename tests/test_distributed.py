@@ -7,18 +7,18 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, assert_same_metric_lines, metric_lines
 from safetensors.torch import load_file
 
 import train
 from bitfit.cli import run_main
-from bitfit.distributed import World, shard
-from conftest import ROOT, assert_same_metric_lines, metric_lines
+from bitfit.core.world import World
 
 
 def test_each_rank_takes_its_slice_of_every_global_micro_batch():
     window = [[0, 1, 2, 3, 4, 5, 6, 7], [8, 9]]  # global micro-batches of 4 x 2 ranks
-    assert shard(window, 4, World(rank=0, world_size=2)) == [[0, 1, 2, 3], [8, 9]]
-    assert shard(window, 4, World(rank=1, world_size=2)) == [[4, 5, 6, 7]]  # nothing left in the last
+    assert World(rank=0, world_size=2).shard(window, 4) == [[0, 1, 2, 3], [8, 9]]
+    assert World(rank=1, world_size=2).shard(window, 4) == [[4, 5, 6, 7]]  # nothing left in the last
 
 
 def test_two_ranks_at_batch_4_train_like_one_process_at_batch_8(tiny_model_dir, alpaca_file, tmp_path):

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, cli
 
 from bitfit import experiment
-from bitfit.model import load_model_and_tokenizer
-from conftest import ROOT, cli
+from bitfit.model.loading import load_model_and_tokenizer
 
 
 def test_the_shipped_data_teaches_exactly_the_behaviour_that_is_checked():

@@ -4,10 +4,10 @@ import json
 import re
 
 import pytest
-
-from bitfit.data import load_rows, load_rows_and_format
-from bitfit.errors import InputError
 from conftest import ROOT
+
+from bitfit.data.rows import load_rows, load_rows_and_format
+from bitfit.errors import InputError
 
 CONVERSATION = [{"role": "system", "content": "Answer in one word."},
                 {"role": "user", "content": "Name a primary colour."}, {"role": "assistant", "content": "Red."},
@@ -20,15 +20,15 @@ def write_jsonl(path, rows):
 
 
 def readme_examples() -> dict[str, dict]:
-    """The Data section's one-row example of each format, by format name."""
-    readme = (ROOT / "README.md").read_text()
+    """The data page's one-row example of each format, by format name."""
+    readme = (ROOT / "docs" / "data.md").read_text()
     section = readme[readme.index("\n## Data\n"):]
     return {name: json.loads(row) for name, row in
             re.findall(r"^\*\*`([a-z-]+)`\*\*: [^\n]*(?:\n[^\n`]*)?\n```json\n(.*?)\n```", section,
                        re.MULTILINE | re.DOTALL)}
 
 
-def test_the_readmes_example_of_each_format_is_told_by_its_columns(tmp_path):
+def test_the_data_pages_example_of_each_format_is_told_by_its_columns(tmp_path):
     examples = readme_examples()
     assert sorted(examples) == ["alpaca", "messages", "prompt-completion", "sharegpt"]
     loaded = {name: load_rows_and_format(write_jsonl(tmp_path / f"{name}.jsonl", [row]))

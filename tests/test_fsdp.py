@@ -6,6 +6,7 @@ The 9 training rows make each step's second global micro-batch a single example,
 none of it and must run an idle micro-batch for the ranks' gathers to meet.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,25 +15,28 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import ROOT, ROWS, assert_same_metric_lines, metric_lines, prepare_for_training, save_gpt2, save_tiny
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torchao.quantization import NF4Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 import train
-from bitfit.bias import trainable_parameters
 from bitfit.cli import run_main
 from bitfit.config import TrainConfig
-from bitfit.data import collate, tokenize_rows
+from bitfit.core.examples import collate
+from bitfit.core.loss import label_token_count
+from bitfit.core.step import train_step
+from bitfit.core.trainable import trainable_parameters
+from bitfit.data.tokenize import tokenize_rows
 from bitfit.errors import InputError
-from bitfit.fsdp import describe_4bit_shards
-from bitfit.loop import train_step
-from bitfit.loss import label_token_count
-from bitfit.metrics import tensor_bytes
-from bitfit.model import load_model_and_tokenizer, pad_token_id
-from bitfit.quantize import quantize_frozen_weights
-from bitfit.rundir import RunFolder
-from conftest import ROOT, ROWS, assert_same_metric_lines, metric_lines, prepare_for_training, save_gpt2, save_tiny
+from bitfit.model.loading import load_model_and_tokenizer, pad_token_id
+from bitfit.model.quantize import quantize_frozen_weights
+from bitfit.parallel.fsdp import describe_4bit_shards
+from bitfit.parallel.torchrun import TorchrunWorld
+from bitfit.store.metrics import tensor_bytes
+from bitfit.store.run_folder import RunFolder
+from bitfit.training.setup import setup_model
 
 CPU = torch.device("cpu")
 NF4_SPLIT = ("quantized_data", "quantized_scalers", "quantization_factor")  # what FSDP splits of a 4-bit weight
@@ -308,16 +312,16 @@ def test_gradients_are_reduced_once_per_optimizer_step_not_once_per_micro_batch(
     examples, _ = tokenize_rows(ROWS[:6], tokenizer, max_len=64)
     window = [collate(examples[start:start + 2], pad_token_id(tokenizer)) for start in (0, 2, 4)]
     label_tokens = sum(label_token_count(batch["labels"]) for batch in window)
-    _, optimizer = prepare_for_training(plain, config, CPU)
+    _, optimizer = prepare_for_training(plain, dataclasses.replace(config, fsdp=False), CPU)
     train_step(plain, optimizer, window, label_tokens, max_grad_norm=1.0, device=CPU)
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
-        _, optimizer = prepare_for_training(sharded, config, CPU, shard=True)
+        setup = setup_model(sharded, config, CPU, TorchrunWorld(), log=lambda line: None)
         reductions = []
         for param in trainable_parameters(sharded).values():
             param.register_post_accumulate_grad_hook(lambda param: reductions.append(param))
-        train_step(sharded, optimizer, window, label_tokens, max_grad_norm=1.0, device=CPU)
+        train_step(sharded, setup.optimizer, window, label_tokens, max_grad_norm=1.0, device=CPU, world=setup.world)
         assert len(reductions) == len(trainable_parameters(sharded)) > 0  # each once, not once per micro-batch
         got = {name: param.full_tensor() for name, param in trainable_parameters(sharded).items()}
     finally:

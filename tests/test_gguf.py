@@ -7,16 +7,17 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import cli
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 import generate
 import train
 from bitfit import export
-from bitfit.checkpoint import apply_bias_delta, base_fingerprint, load_bias_delta
 from bitfit.errors import InputError
-from bitfit.gguf_file import find_gguf_file, gguf_config, is_gguf_source
-from bitfit.model import load_model_and_tokenizer
-from conftest import cli
+from bitfit.model.fingerprint import base_fingerprint
+from bitfit.model.gguf import find_gguf_file, gguf_config, is_gguf_source
+from bitfit.model.loading import load_model_and_tokenizer
+from bitfit.store.delta import apply_bias_delta, load_bias_delta
 
 PROBE = torch.tensor([[5, 17, 42, 99, 3, 250]])
 # A turn ends with the tokenizer's one special token, as ChatML's end with <|im_end|>.

@@ -4,18 +4,21 @@ import weakref
 
 import pytest
 import torch
+from conftest import ROWS, prepare_for_training
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import bitfit.loss
-from bitfit.bias import is_bias
+import bitfit.model.label_loss
 from bitfit.config import TrainConfig
-from bitfit.data import collate, optimizer_windows, tokenize_rows
-from bitfit.loop import autocast, train_loop
-from bitfit.loss import FrozenHeadLossSum, causal_lm_loss_sum, label_token_count, loss_sum_from_logits
-from bitfit.model import (fuse_tanh_gelu, load_model_and_tokenizer, pad_token_id, prefer_eager_attention_on_cpu,
-                          weights_dtype)
-from conftest import ROWS, prepare_for_training
+from bitfit.core.examples import collate, optimizer_windows
+from bitfit.core.loop import train_loop
+from bitfit.core.loss import label_token_count, loss_sum_from_logits
+from bitfit.core.step import autocast
+from bitfit.core.trainable import is_bias
+from bitfit.data.tokenize import tokenize_rows
+from bitfit.model.compute import fuse_tanh_gelu, loss_scaling, prefer_eager_attention_on_cpu, weights_dtype
+from bitfit.model.label_loss import FrozenHeadLossSum, label_loss_sum
+from bitfit.model.loading import load_model_and_tokenizer, pad_token_id
 
 CPU = torch.device("cpu")
 
@@ -39,12 +42,12 @@ def test_head_on_label_positions_only_matches_the_full_head(tiny, monkeypatch, m
     folder, tokenizer, examples = tiny
     model, _ = load_model_and_tokenizer(folder)
     vocab_size = model.get_output_embeddings().weight.size(0)
-    monkeypatch.setattr(bitfit.loss, "HEAD_CHUNK_BYTES", chunk_tokens * 4 * vocab_size)
+    monkeypatch.setattr(bitfit.model.label_loss, "HEAD_CHUNK_BYTES", chunk_tokens * 4 * vocab_size)
     config = TrainConfig(mode=mode, model=folder, data="x", output_dir="x")
     prepare_for_training(model, config, CPU)
     batch = collate(examples[:4], pad_token_id(tokenizer))
     assert label_token_count(batch["labels"]) > 2 * chunk_tokens or chunk_tokens == 512
-    fast = causal_lm_loss_sum(model, batch)
+    fast = label_loss_sum(model, batch)
     fast_grads = grads(model, fast)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     plain = loss_sum_from_logits(logits, batch["labels"])
@@ -54,7 +57,7 @@ def test_head_on_label_positions_only_matches_the_full_head(tiny, monkeypatch, m
     for name in plain_grads:
         torch.testing.assert_close(fast_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6)
     with torch.no_grad():  # evaluation's path
-        torch.testing.assert_close(causal_lm_loss_sum(model, batch), plain.detach(), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(label_loss_sum(model, batch), plain.detach(), rtol=1e-5, atol=1e-4)
 
 
 def train_copy(folder, tokenizer, examples, tmp_path, **overrides):
@@ -65,7 +68,7 @@ def train_copy(folder, tokenizer, examples, tmp_path, **overrides):
     prepare_for_training(model, config, CPU)
     progress = train_loop(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                                    lr=config.lr), examples, config,
-                          pad_id=pad_token_id(tokenizer), device=CPU)
+                          pad_id=pad_token_id(tokenizer), device=CPU, scaler=loss_scaling(config.dtype, CPU))
     return model, before, progress
 
 
@@ -138,12 +141,12 @@ def test_fused_gelu_gives_the_same_loss_and_bias_gradients(family):
         param.requires_grad_(is_bias(name))
     ids = torch.randint(0, 64, (2, 12))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    loss = causal_lm_loss_sum(model, batch)
+    loss = label_loss_sum(model, batch)
     reference = grads(model, loss)
 
     assert fuse_tanh_gelu(model) == 2  # one per MLP
     assert sum(isinstance(module, torch.nn.GELU) for module in model.modules()) == 2
-    fused_loss = causal_lm_loss_sum(model, batch)
+    fused_loss = label_loss_sum(model, batch)
     assert fused_loss.item() == pytest.approx(loss.item(), rel=1e-6)
     fused = grads(model, fused_loss)
     assert fused.keys() == reference.keys()
@@ -172,12 +175,12 @@ def test_attention_dropout_on_cpu_switches_to_eager_attention_with_the_same_loss
     labels = ids.masked_fill(attention_mask == 0, -100)
     labels[:, :4] = -100  # a prompt
     batch = {"input_ids": ids, "attention_mask": attention_mask, "labels": labels}
-    sdpa_loss = causal_lm_loss_sum(model, batch)
+    sdpa_loss = label_loss_sum(model, batch)
     assert not prefer_eager_attention_on_cpu(model, torch.device("cuda"))  # fused kernels win on GPUs
     assert model.config._attn_implementation == "sdpa"
     assert prefer_eager_attention_on_cpu(model, CPU)
     assert model.config._attn_implementation == "eager"
-    assert causal_lm_loss_sum(model, batch).item() == pytest.approx(sdpa_loss.item(), rel=1e-6)
+    assert label_loss_sum(model, batch).item() == pytest.approx(sdpa_loss.item(), rel=1e-6)
 
 
 def test_no_attention_dropout_keeps_the_fused_attention(tiny, tmp_path):
@@ -193,11 +196,12 @@ def test_frozen_head_loss_matches_the_full_head_in_bf16(tiny, monkeypatch, devic
     folder, tokenizer, examples = tiny
     config = TrainConfig(model=folder, data="x", output_dir="x", dtype="bf16")
     model, _ = load_model_and_tokenizer(folder, weights_dtype(config))
-    monkeypatch.setattr(bitfit.loss, "HEAD_CHUNK_BYTES", 7 * 4 * model.get_output_embeddings().weight.size(0))
+    vocab_size = model.get_output_embeddings().weight.size(0)
+    monkeypatch.setattr(bitfit.model.label_loss, "HEAD_CHUNK_BYTES", 7 * 4 * vocab_size)
     prepare_for_training(model, config, device)
     batch = {key: value.to(device) for key, value in collate(examples[:4], pad_token_id(tokenizer)).items()}
     with autocast(device, "bf16"):
-        fast = causal_lm_loss_sum(model, batch)
+        fast = label_loss_sum(model, batch)
     fast_grads = grads(model, fast)
     with autocast(device, "bf16"):
         plain = loss_sum_from_logits(model(input_ids=batch["input_ids"],
@@ -238,7 +242,7 @@ class PeakTensorBytes(TorchDispatchMode):
 def test_a_frozen_head_holds_one_chunk_of_logits_at_a_time(monkeypatch):
     tokens, hidden_size, vocab, chunk_tokens = 120, 16, 5000, 10
     chunk_bytes = chunk_tokens * vocab * 4
-    monkeypatch.setattr(bitfit.loss, "HEAD_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(bitfit.model.label_loss, "HEAD_CHUNK_BYTES", chunk_bytes)
     head = torch.nn.Linear(hidden_size, vocab, bias=False).requires_grad_(False)
     hidden = torch.randn(tokens, hidden_size, requires_grad=True)
     targets = torch.randint(0, vocab, (tokens,))

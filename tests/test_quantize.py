@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, ROWS, cli, prepare_for_training
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -17,18 +18,19 @@ from transformers.pytorch_utils import Conv1D
 import generate
 import train
 from bitfit import bench, export
-from bitfit.bias import is_added_bias, is_bias
-from bitfit.checkpoint import apply_bias_delta, base_fingerprint, check_bias_delta, load_bias_delta, save_bias_delta
 from bitfit.config import TrainConfig
-from bitfit.data import tokenize_rows
+from bitfit.core.loop import train_loop
+from bitfit.core.trainable import is_bias
+from bitfit.data.tokenize import tokenize_rows
 from bitfit.errors import InputError, Interrupted
-from bitfit.loop import train_loop
-from bitfit.metrics import MetricsLog, weight_bytes
-from bitfit.model import load_model_and_tokenizer, pad_token_id
-from bitfit.quantize import NF4_BLOCK, NF4Linear, quantize_frozen_weights, scale_group
-from bitfit.resume import load_training_state
-from bitfit.run import run
-from conftest import ROOT, ROWS, cli, prepare_for_training
+from bitfit.model.added_biases import is_added_bias
+from bitfit.model.fingerprint import base_fingerprint
+from bitfit.model.loading import load_model_and_tokenizer, pad_token_id
+from bitfit.model.quantize import NF4_BLOCK, NF4Linear, quantize_frozen_weights, scale_group
+from bitfit.store.checkpoint import load_training_state
+from bitfit.store.delta import apply_bias_delta, check_bias_delta, load_bias_delta, save_bias_delta
+from bitfit.store.metrics import MetricsLog, weight_bytes
+from bitfit.training.run import run
 
 CPU = torch.device("cpu")
 PROBE = torch.tensor([[5, 17, 42, 99, 3, 250]])
@@ -117,7 +119,7 @@ def test_the_4_bit_model_computes_with_its_dequantized_weights(tiny_model_dir):
 
 
 def test_a_large_weight_dequantized_in_pieces_computes_the_same(monkeypatch):
-    from bitfit import quantize
+    from bitfit.model import quantize
 
     torch.manual_seed(0)
     plain = torch.nn.Linear(256, 512)  # 2048 blocks of 64, 8 groups of 256 scales
@@ -138,7 +140,7 @@ def test_a_large_weight_dequantized_in_pieces_computes_the_same(monkeypatch):
 
 def test_under_bf16_autocast_a_4_bit_layer_computes_like_a_plain_one():
     """As BitFit runs with --dtype bf16: bf16 weights, an fp32 bias, fp32 input (a norm's output)."""
-    from bitfit import quantize
+    from bitfit.model import quantize
 
     torch.manual_seed(0)
     plain = torch.nn.Linear(256, 128).to(torch.bfloat16)
@@ -173,7 +175,7 @@ def test_quantized_logits_are_close_to_the_unquantized_ones(folder, request):
                                           ((1536, 1536), 256), ((96, 32), 48)])
 def test_scale_groups_fit_every_shape(shape, group):
     """SmolLM2-135M's 576 x 576 and 192 x 576 projections have no whole groups of 256 block scales."""
-    from bitfit.quantize import import_to_nf4
+    from bitfit.model.quantize import import_to_nf4
 
     blocks = shape[0] * shape[1] // NF4_BLOCK
     assert scale_group(blocks) == group and blocks % group == 0

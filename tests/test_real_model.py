@@ -7,18 +7,20 @@ the first test shows the two are the same model.
 
 import pytest
 import torch
+from conftest import ROWS, cli, prepare_for_training
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import generate
 import train
 from bitfit import export
-from bitfit.checkpoint import apply_bias_delta, base_fingerprint, load_bias_delta
 from bitfit.config import TrainConfig
-from bitfit.data import collate, tokenize_rows
-from bitfit.inference import generate_answers
-from bitfit.loop import train_loop
-from bitfit.model import load_model_and_tokenizer, pad_token_id
-from conftest import ROWS, cli, prepare_for_training
+from bitfit.core.examples import collate
+from bitfit.core.loop import train_loop
+from bitfit.data.tokenize import tokenize_rows
+from bitfit.model.fingerprint import base_fingerprint
+from bitfit.model.generation import generate_answers
+from bitfit.model.loading import load_model_and_tokenizer, pad_token_id
+from bitfit.store.delta import apply_bias_delta, load_bias_delta
 
 CPU = torch.device("cpu")
 QUESTION = "What is the capital of France?"

@@ -11,18 +11,21 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, ROWS, error_lines, folder_bytes, leftovers, metric_lines
 from safetensors.torch import load_file
 
 import train
 from bitfit.cli import run_main
 from bitfit.config import TrainConfig
-from bitfit.data import IGNORE_INDEX, load_rows, split_rows, tokenize_rows
+from bitfit.core.examples import IGNORE_INDEX
+from bitfit.data.rows import load_rows, split_rows
+from bitfit.data.tokenize import tokenize_rows
 from bitfit.errors import Interrupted
-from bitfit.metrics import MetricsLog
-from bitfit.model import load_model_and_tokenizer
-from bitfit.resume import load_training_state
-from bitfit.run import run
-from conftest import ROOT, ROWS, error_lines, folder_bytes, leftovers, metric_lines
+from bitfit.model.loading import load_model_and_tokenizer
+from bitfit.store.checkpoint import load_training_state
+from bitfit.store.metrics import MetricsLog
+from bitfit.training.run import run
+
 
 def settings(tiny_model_dir, alpaca_file, output_dir, **overrides):
     return TrainConfig(**{"model": tiny_model_dir, "data": alpaca_file, "output_dir": str(output_dir),

@@ -5,14 +5,16 @@ test_training_changes_every_bias_and_leaves_every_weight_bit_identical)."""
 import pytest
 import torch
 import torch.distributed as dist
-
-from bitfit.bias import is_bias, select_trainable, trainable_parameters
-from bitfit.data import collate, tokenize_rows
-from bitfit.loop import train_step
-from bitfit.loss import label_token_count
-from bitfit.model import load_model_and_tokenizer, pad_token_id
 from conftest import ROWS
 from test_training import reference_gradient
+
+from bitfit.core.examples import collate
+from bitfit.core.loss import label_token_count
+from bitfit.core.step import train_step
+from bitfit.core.trainable import is_bias, trainable_parameters
+from bitfit.data.tokenize import tokenize_rows
+from bitfit.model.bias_terms import select_trainable
+from bitfit.model.loading import load_model_and_tokenizer, pad_token_id
 
 CPU = torch.device("cpu")
 NO_CLIPPING = 1e9

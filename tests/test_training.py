@@ -4,15 +4,16 @@ over an accumulation window is weighted by tokens."""
 import pytest
 import torch
 import torch.nn.functional as F
-
-from bitfit.bias import count_parameters, is_bias, select_trainable, trainable_parameters
-from bitfit.config import TrainConfig
-from bitfit.data import IGNORE_INDEX, tokenize_rows
-from bitfit.errors import InputError
-from bitfit.loop import learning_rate, train_loop
-from bitfit.model import load_model_and_tokenizer, pad_token_id
-from bitfit.run import build_optimizer
 from conftest import ROWS
+
+from bitfit.config import TrainConfig
+from bitfit.core.examples import IGNORE_INDEX
+from bitfit.core.loop import learning_rate, train_loop
+from bitfit.core.trainable import build_optimizer, count_parameters, is_bias, trainable_parameters
+from bitfit.data.tokenize import tokenize_rows
+from bitfit.errors import InputError
+from bitfit.model.bias_terms import select_trainable
+from bitfit.model.loading import load_model_and_tokenizer, pad_token_id
 
 CPU = torch.device("cpu")
 

@@ -5,14 +5,15 @@ import re
 
 import pytest
 import torch
+from conftest import ROOT, prepare_for_training
 
 from bitfit import walkthrough
-from bitfit.bias import is_bias
 from bitfit.config import DEFAULT_MODEL, TrainConfig
-from bitfit.data import load_rows, tokenize_rows
-from bitfit.loop import train_loop
-from bitfit.model import load_model_and_tokenizer, pad_token_id
-from conftest import ROOT, prepare_for_training
+from bitfit.core.loop import train_loop
+from bitfit.core.trainable import is_bias
+from bitfit.data.rows import load_rows
+from bitfit.data.tokenize import tokenize_rows
+from bitfit.model.loading import load_model_and_tokenizer, pad_token_id
 
 CPU = torch.device("cpu")
 

@@ -10,8 +10,9 @@ fixed seed at load time (see bitfit.model), which keeps the repository small.
 import json
 
 from bitfit.config import ASSETS, DEFAULT_DATA
-from bitfit.data import format_prompt
-from bitfit.model import TINY_GPT2_DIR, tiny_gpt2_config, train_tokenizer
+from bitfit.data.templates import format_prompt
+from bitfit.model.loading import TINY_GPT2_DIR
+from bitfit.model.tiny import tiny_gpt2_config, train_tokenizer
 
 
 def main():

@@ -6,7 +6,7 @@
     sharegpt           conversations: [{"from": "system" | "human" | "gpt", "value": "..."}, ...]
 
 A single-turn row (alpaca, prompt-completion) becomes {"instruction", "input", "output"}: the
-seed's template reads those names (bitfit.data.format_prompt). A conversation (messages,
+human-assistant template reads those names (bitfit.data.templates.format_prompt). A conversation (messages,
 sharegpt) becomes {"messages": [{"role", "content"}, ...]}. as_messages turns either into a
 conversation, for the chat template.
 """
@@ -77,7 +77,7 @@ def read_messages(turns, data_format: str, where: str) -> list[dict]:
 
 def as_messages(row: dict) -> list[dict]:
     """Any row as a conversation: a single-turn row is one user turn (instruction and input, as the
-    seed's template joins them) and one assistant turn (output)."""
+    human-assistant template joins them) and one assistant turn (output)."""
     if "messages" in row:
         return row["messages"]
     return [{"role": "user", "content": "\n".join([row["instruction"], row["input"]]).strip()},

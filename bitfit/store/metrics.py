@@ -1,13 +1,12 @@
 """Memory, throughput and the end-of-run summary: numbers with units a person can read."""
 
 import json
-import math
 import resource
 from pathlib import Path
 
 import torch
 
-from bitfit.checkpoint import atomic_write
+from bitfit.store.files import atomic_write
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -24,7 +23,7 @@ def peak_memory_bytes(device: torch.device) -> int | None:
 
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes the model's parameters and buffers occupy (tied tensors once); a weight held in 4 bits
-    (bitfit.quantize) counts what it stores: its codes, scales and constants."""
+    (bitfit.model.quantize) counts what it stores: its codes, scales and constants."""
     return sum(tensor_bytes(tensor) for tensor in [*model.parameters(), *model.buffers()])
 
 
@@ -47,7 +46,7 @@ def peak_rss_bytes() -> int:
 
 
 def work_done(progress: dict) -> dict:
-    """What a training loop's progress (bitfit.loop.new_progress) amounts to: counts and rates."""
+    """What a training loop's progress (bitfit.core.loop.new_progress) amounts to: counts and rates."""
     seconds = progress["seconds"]
     return {
         "optimizer_steps": progress["step"],
@@ -61,10 +60,6 @@ def work_done(progress: dict) -> dict:
         "samples_per_s": progress["samples"] / seconds,
         "tokens_per_s": progress["tokens"] / seconds,
     }
-
-
-def perplexity(loss: float | None) -> float | None:
-    return None if loss is None else math.exp(min(loss, 700))  # exp(710) overflows a float
 
 
 class MetricsLog:

@@ -20,14 +20,14 @@ import shutil
 import time
 from pathlib import Path
 
-from bitfit.checkpoint import BIAS_FILE
-from bitfit.errors import InputError
+from bitfit.errors import Diverged, InputError
+from bitfit.store.delta import BIAS_FILE
 
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_FILE = "checkpoint.pt"
-SHARDED_CHECKPOINT = "sharded-step-{step}"  # --fsdp: the ranks' shards of a checkpoint, beside it (bitfit.resume)
+SHARDED_CHECKPOINT = "sharded-step-{step}"  # --fsdp: the shards of a checkpoint, beside it (bitfit.store.checkpoint)
 RESUMABLE = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE)  # what a resumed run takes over
 RUN_FILES = (*RESUMABLE, SUMMARY_FILE, BIAS_FILE, "model")  # everything a run writes
 # Write failures that are the machine's state, not a bug: reported in one line like bad input.
@@ -127,7 +127,7 @@ class RunFolder:
 
         A resumed run takes over the settings and metrics of the run it continues (and, after a
         kill, that run's staging folder and checkpoint); its metrics are cut back to the
-        checkpoint's step by bitfit.metrics.MetricsLog.
+        checkpoint's step by bitfit.store.metrics.MetricsLog.
         """
         if not self.writer:
             return self.staging
@@ -179,8 +179,8 @@ class RunFolder:
             where = f" ({error.filename})" if error.filename else ""
             raise InputError(f"{error.strerror}{where}: the run stopped, and {self.path} is as it was"
                              f"{keeping}") from None
-        if isinstance(error, InputError) and keeping:
-            raise InputError(f"{error}{keeping}") from None
+        if isinstance(error, (InputError, Diverged)) and keeping:
+            raise type(error)(f"{error}{keeping}") from None
         return False
 
 

@@ -1,8 +1,10 @@
-"""Conversations as tokens and labels, in either prompt format, trained on the assistant turns only.
+"""The two prompt formats (--template), and conversations as tokens and labels, trained on the answers only.
 
-seed: the seed's template, turn by turn. Each stretch of system and user turns becomes
-"System: ...\n\n" and "Human: ...\n\n" lines, then "Assistant: "; each assistant turn is its text
-and an eos. A single exchange gives exactly the seed's single-turn example (bitfit.data).
+human-assistant: the seed notebook's template, "Human: " + instruction + "\n\nAssistant: " (format_prompt),
+kept exactly so that results stay comparable; `--template seed` is an older name for it. A
+conversation goes turn by turn: each stretch of system and user turns becomes "System: ...\n\n"
+and "Human: ...\n\n" lines, then "Assistant: "; each assistant turn is its text and an eos. A single
+exchange gives exactly the single-turn example (bitfit.data.tokenize).
 
 chat: the tokenizer's own chat template, as serving stacks and generate.py prompt the model. The
 labels are found by tokenizing prefixes of the conversation as the template renders them, never by
@@ -17,20 +19,27 @@ turns breaks that and is refused. Of the turn's tokens, those up to and includin
 token (the end-of-turn marker: <|im_end|>, <|eot_id|>) are trained; what follows it (a newline
 before the next turn) is not, nor is anything the prompt holds (system and user turns, role headers).
 
-A conversation is a list of {"role", "content"} (bitfit.formats). Both formats make "pieces":
-(token ids, trained) runs that bitfit.data joins into an example and cuts at --max-len.
+A conversation is a list of {"role", "content"} (bitfit.data.formats). Both formats make "pieces":
+(token ids, trained) runs that bitfit.data.tokenize joins into an example and cuts at --max-len.
 """
 
 import hashlib
 import textwrap
 
+from bitfit.config import canonical_template
+from bitfit.core.examples import IGNORE_INDEX
 from bitfit.errors import InputError
 
-SEED_HEADERS = {"system": "System: ", "user": "Human: "}
-SEED_ANSWER = "Assistant: "
+HUMAN_ASSISTANT_HEADERS = {"system": "System: ", "user": "Human: "}
+HUMAN_ASSISTANT_ANSWER = "Assistant: "
 # Checked before any row is tokenized, so a template that cannot be masked by prefixes stops at once.
 PROBE = [{"role": "user", "content": "Name a primary colour."}, {"role": "assistant", "content": "Red."},
          {"role": "user", "content": "And another?"}, {"role": "assistant", "content": "Blue."}]
+
+
+def format_prompt(instruction: str, input: str = "") -> str:
+    """The seed notebook's prompt for an instruction and its optional input, exactly."""
+    return "Human: " + "\n".join([instruction, input]).strip() + "\n\nAssistant: "
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -38,12 +47,13 @@ def has_chat_template(tokenizer) -> bool:
 
 
 def choose_template(requested: str | None, tokenizer) -> str:
-    """--template as given; by default chat where the tokenizer has a chat template, else seed."""
+    """--template as given; by default chat where the tokenizer has a chat template, else human-assistant."""
+    requested = canonical_template(requested)
     if requested is None:
-        return "chat" if has_chat_template(tokenizer) else "seed"
+        return "chat" if has_chat_template(tokenizer) else "human-assistant"
     if requested == "chat" and not has_chat_template(tokenizer):
-        raise InputError("--template chat: the tokenizer has no chat template; use --template seed (the seed's "
-                         "Human: ... Assistant: prompt)")
+        raise InputError("--template chat: the tokenizer has no chat template; use --template human-assistant "
+                         "(the seed notebook's Human: ... Assistant: prompt)")
     return requested
 
 
@@ -67,30 +77,31 @@ def end_of_turn_ids(tokenizer) -> list[int]:
 
 def conversation_pieces(messages: list[dict], tokenizer, template: str, max_len: int | None = None):
     """The (token ids, trained) runs of a conversation; turns past max_len tokens are left out."""
-    if template == "seed":
-        return seed_pieces(messages, tokenizer, max_len=max_len)
+    if template == "human-assistant":
+        return human_assistant_pieces(messages, tokenizer, max_len=max_len)
     return chat_pieces(messages, tokenizer, max_len=max_len)
 
 
 def prompt_ids(tokenizer, messages: list[dict], template: str) -> list[int]:
     """The tokens that prompt the model to answer a conversation ending in a user turn: generation
     starts from exactly the tokens that training put before each answer."""
-    if template == "seed":
-        return [token for ids, _ in seed_pieces(messages, tokenizer, add_generation_prompt=True) for token in ids]
+    if template == "human-assistant":
+        pieces = human_assistant_pieces(messages, tokenizer, add_generation_prompt=True)
+        return [token for ids, _ in pieces for token in ids]
     return encode(tokenizer, render(tokenizer, messages, add_generation_prompt=True))
 
 
 def first_prompt_text(messages: list[dict], tokenizer, template: str) -> str | None:
     """The text before a conversation's first trained token (None: no assistant turn to train).
 
-    Tokenized with the tokenizer's special tokens under seed, without them under chat, it gives the
+    Tokenized with the tokenizer's special tokens under human-assistant, without them under chat, it gives the
     count of tokens before the first label, which decides whether --max-len drops the row.
     """
     turns = trained_turns(messages, template)
     if not turns:
         return None
-    if template == "seed":
-        return seed_text(messages[:turns[0]]) + SEED_ANSWER
+    if template == "human-assistant":
+        return human_assistant_text(messages[:turns[0]]) + HUMAN_ASSISTANT_ANSWER
     return render(tokenizer, messages[:turns[0]], add_generation_prompt=True)
 
 
@@ -101,27 +112,31 @@ def trained_turns(messages: list[dict], template: str) -> list[int]:
     return [index for index, message in enumerate(messages) if message["role"] == "assistant" and index >= first]
 
 
-# ------------------------------------------------------------------------------------ seed
+# ------------------------------------------------------------------------- human-assistant
 
 
-def seed_text(messages: list[dict]) -> str:
-    """System and user turns in the seed's style (a single user turn: "Human: ...\n\n")."""
-    return "".join(SEED_HEADERS[message["role"]] + message["content"].strip() + "\n\n" for message in messages)
+def human_assistant_text(messages: list[dict]) -> str:
+    """System and user turns in the human-assistant style (a single user turn: "Human: ...\n\n")."""
+    return "".join(HUMAN_ASSISTANT_HEADERS[message["role"]] + message["content"].strip() + "\n\n"
+                   for message in messages)
 
 
-def seed_pieces(messages: list[dict], tokenizer, add_generation_prompt: bool = False, max_len: int | None = None):
+def human_assistant_pieces(messages: list[dict], tokenizer, add_generation_prompt: bool = False,
+                           max_len: int | None = None):
     pieces, start, length = [], 0, 0
-    for index in trained_turns(messages, "seed"):
+    for index in trained_turns(messages, "human-assistant"):
         # The first prompt gets the tokenizer's special tokens (a BOS where the model expects one), as
-        # the seed's single-turn prompt does; later ones follow an eos and get none.
-        prompt = tokenizer(seed_text(messages[start:index]) + SEED_ANSWER, add_special_tokens=not pieces)
+        # the single-turn prompt does; later ones follow an eos and get none.
+        prompt = tokenizer(human_assistant_text(messages[start:index]) + HUMAN_ASSISTANT_ANSWER,
+                           add_special_tokens=not pieces)
         answer = tokenizer(messages[index]["content"], add_special_tokens=False)["input_ids"]
         pieces += [(prompt["input_ids"], False), (answer + [tokenizer.eos_token_id], True)]
         start, length = index + 1, length + len(prompt["input_ids"]) + len(answer) + 1
         if max_len is not None and length >= max_len:
             return pieces
     if add_generation_prompt:
-        prompt = tokenizer(seed_text(messages[start:]) + SEED_ANSWER, add_special_tokens=not pieces)
+        prompt = tokenizer(human_assistant_text(messages[start:]) + HUMAN_ASSISTANT_ANSWER,
+                           add_special_tokens=not pieces)
         pieces.append((prompt["input_ids"], False))
     return pieces
 
@@ -148,7 +163,7 @@ def chat_pieces(messages: list[dict], tokenizer, max_len: int | None = None):
         if not markers:
             raise InputError(f"the chat template ends assistant turn {number} of {describe(messages)} with no "
                              f"special token (such as <|im_end|>), so the model could not learn where an "
-                             f"answer ends; try --template seed")
+                             f"answer ends; try --template human-assistant")
         end = markers[-1] + 1
         pieces += [(answer[:end], True), (answer[end:], False)]
         done = through
@@ -180,7 +195,7 @@ def require_prefix(shorter: list[int], longer: list[int], messages, shorter_name
     raise InputError(f"the chat template does not render {describe(messages)} turn by turn: the tokens of "
                      f"{shorter_name} do not begin those of {longer_name} (token {at}: {seen[0]}, then "
                      f"{seen[1]}); it rewrites earlier turns, so labels cannot be found by prefixes; try "
-                     f"--template seed")
+                     f"--template human-assistant")
 
 
 def special_ids(tokenizer) -> set[int]:
@@ -203,8 +218,6 @@ def describe(messages: list[dict]) -> str:
 def show_masked(example: dict, tokenizer) -> str:
     """An example's text as the model reads it, a line of the text per line (newlines shown as \\n),
     with ^ under every character of a trained token."""
-    from bitfit.data import IGNORE_INDEX
-
     lines, marks = [""], [""]
     for token, label in zip(example["input_ids"], example["labels"]):
         for char in tokenizer.decode([token]):

@@ -1,15 +1,12 @@
-"""Which parameters train: in BitFit, the biases (all, or chosen groups); in full fine-tuning, everything.
+"""Which biases train (--bias-terms): all of them, named groups, regular expressions, or slices of a fused bias.
 
 `--bias-terms` narrows BitFit to named groups of biases, or to regular expressions over parameter
 names. The BitFit paper found that the query bias and the first (expanding) MLP bias alone recover
 most of the gain at about half the parameters: `--bias-terms query,mlp-in`.
 
-LLaMA, Mistral and most recent models have no biases at all. `--add-biases` gives the chosen
-Linear layers zero biases first (add_biases), so the model computes exactly what it did and
-BitFit has something to train.
-
 A choice is a plain dict, term -> {parameter name: (mask, where)}: mask is a bool tensor over the
 bias's entries when only a slice of it trains, None when all of it does; where says which slice.
+The names chosen go to bitfit.core.trainable.train_only, which freezes everything else.
 """
 
 import re
@@ -17,45 +14,22 @@ import textwrap
 
 import torch
 
+from bitfit.core.trainable import is_bias, train_only
 from bitfit.errors import InputError
-
-BIAS_GROUPS = ("all", "query", "key", "value", "attn-out", "mlp-in", "mlp-out", "norm")
-
-# The modules that hold each group in the GPT-2, BLOOM, OPT, GPT-NeoX, Qwen2 and LLaMA families,
-# matched on the end of the module's path: GPT-2 names both attn.c_proj (attn-out) and mlp.c_proj
-# (mlp-out), which only their parent tells apart.
-GROUP_MODULES = {
-    "query": ("q_proj",),
-    "key": ("k_proj",),
-    "value": ("v_proj",),
-    "attn-out": ("attn.c_proj", "self_attention.dense", "self_attn.out_proj", "attention.dense", "o_proj"),
-    "mlp-in": ("mlp.c_fc", "dense_h_to_4h", "fc1", "gate_proj", "up_proj"),
-    "mlp-out": ("mlp.c_proj", "dense_4h_to_h", "fc2", "down_proj"),
-}
-# Modules whose one bias holds query, key and value together, and how they are laid out in it.
-# GPT-2's c_attn output is split in thirds, [q | k | v]. BLOOM's and GPT-NeoX's query_key_value
-# output is viewed as (heads, 3 * head_dim) and split per head: [q_h, k_h, v_h] for each head h.
-FUSED_QKV = {"attn.c_attn": "thirds", "query_key_value": "per-head"}
-QKV = ("query", "key", "value")
-
-
-def is_bias(name: str) -> bool:
-    """Bias vectors of Linear, Conv1D and LayerNorm layers are all named '...bias'."""
-    return name == "bias" or name.endswith(".bias")
+from bitfit.model.added_biases import addable_biases
+from bitfit.model.bias_names import BIAS_GROUPS, FUSED_QKV, GROUP_MODULES, QKV, ends_with
 
 
 def select_trainable(model: torch.nn.Module, mode: str, bias_terms: str = "all") -> list[str]:
-    """Set requires_grad for the mode and return the names of the parameters that will train.
+    """Set requires_grad for the mode (in BitFit, the biases bias_terms chooses; in full, everything)
+    and return the names of the parameters that will train.
 
     Where only a slice of a fused bias is chosen, the whole tensor requires grad; its other
     entries are held still by mask_gradients (see there).
     """
-    chosen = trained_entries(choose_biases(model, bias_terms)) if mode == "bitfit" else {}
-    for name, param in model.named_parameters():
-        # BitFit's whole idea: weights stay frozen, so autograd computes and stores no
-        # gradient for them and AdamW keeps no moments for them; only the biases move.
-        param.requires_grad_(mode == "full" or name in chosen)
-    return list(trainable_parameters(model))
+    if mode == "full":
+        return train_only(model, [name for name, _ in model.named_parameters()])
+    return train_only(model, trained_entries(choose_biases(model, bias_terms)))
 
 
 def choose_biases(model: torch.nn.Module, bias_terms: str) -> dict[str, dict]:
@@ -107,10 +81,6 @@ def group_biases(model: torch.nn.Module, group: str) -> dict[str, tuple]:
     return parts
 
 
-def ends_with(path: str, modules) -> bool:
-    return any(f".{path}".endswith(f".{module}") for module in modules)
-
-
 def fused_slice(size: int, layout: str, which: int, num_heads: int) -> tuple[torch.Tensor, str]:
     """(mask, where) of query (which=0), key (1) or value (2) in a fused q,k,v bias of size entries."""
     mask = torch.zeros(size, dtype=torch.bool)
@@ -140,65 +110,6 @@ def add_biases_hint(model: torch.nn.Module, term: str) -> str:
     return ""
 
 
-# ------------------------------------------------------------------ adding biases (--add-biases)
-
-
-def addable_biases(model: torch.nn.Module, bias_terms: str) -> dict[str, torch.nn.Linear]:
-    """name the bias would have -> Linear layer, for the bias-less Linear layers bias_terms chooses.
-
-    `all` means every Linear layer but the output head (often tied to the embedding, and no
-    architecture's config can give it a bias on export); a group means its modules; any other
-    term is a regular expression searched for in the name the bias would have.
-    """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    addable = {}
-    for term in (term.strip() for term in bias_terms.split(",")):
-        for path, module in model.named_modules():
-            if not isinstance(module, torch.nn.Linear) or module.bias is not None or module is head:
-                continue
-            name = f"{path}.bias"
-            if term == "all" or (term in GROUP_MODULES and ends_with(path, GROUP_MODULES[term])) or (
-                    term not in BIAS_GROUPS and _searches(term, name)):
-                addable[name] = module
-    return addable
-
-
-def _searches(pattern: str, name: str) -> bool:
-    try:
-        return re.search(pattern, name) is not None
-    except re.error:
-        return False  # choose_biases reports the bad expression
-
-
-def add_biases(model: torch.nn.Module, bias_terms: str) -> list[str]:
-    """Give the chosen bias-less Linear layers a zero bias; return the names of the added biases."""
-    addable = addable_biases(model, bias_terms)
-    for module in addable.values():
-        add_zero_bias(module)
-    return list(addable)
-
-
-def add_zero_bias(module: torch.nn.Linear) -> None:
-    """Register a zero bias on module: nn.Linear's forward adds it, which changes no output.
-
-    The mark goes on the Parameter itself rather than in a list of names kept beside the model:
-    it travels with the tensor whatever wraps the model or prefixes its names, and it leaves
-    with the bias when remove_added_bias takes it away. The delta and the base fingerprint read it.
-    """
-    weight = module.weight
-    module.bias = torch.nn.Parameter(torch.zeros(module.out_features, dtype=weight.dtype, device=weight.device),
-                                     requires_grad=weight.requires_grad)
-    module.bias.bitfit_added = True
-
-
-def remove_added_bias(module: torch.nn.Linear) -> None:
-    module.bias = None  # as nn.Linear(..., bias=False) registers it: the base, exactly
-
-
-def is_added_bias(param: torch.Tensor) -> bool:
-    return getattr(param, "bitfit_added", False)
-
-
 def trained_entries(chosen: dict[str, dict]) -> dict[str, torch.Tensor | None]:
     """name -> mask of the entries that train, or None where the whole tensor trains."""
     entries = {}
@@ -226,11 +137,11 @@ def mask_gradients(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> No
 
     With a gradient of exactly zero, AdamW's moments stay zero and its update there is
     0 / (sqrt(0) + eps) = 0, so the untouched slice stays bit-identical to the base. Only decoupled
-    weight decay would still shrink it: bitfit.run.build_optimizer gives these tensors no decay.
+    weight decay would still shrink it: bitfit.core.trainable.build_optimizer gives these tensors no decay.
     The delta and the checkpoint store these tensors whole; the untouched slice in them equals
     the base's, so applying a delta stays a plain copy.
 
-    Under --fsdp (bitfit.fsdp) each rank holds a shard of the tensor and of its mask. FSDP computes
+    Under --fsdp (bitfit.parallel.fsdp) each rank holds a shard of the tensor and of its mask. FSDP computes
     the gradient on a gathered copy, so a hook on the gradient on its way (register_hook) would never
     see the shard; the hook after accumulation runs once FSDP has put its shard's reduced gradient in .grad.
     """
@@ -244,24 +155,6 @@ def zero_gradient_outside(keep: torch.Tensor):
         # The mask follows the gradient to its device: the model moves there after it is frozen.
         param.grad.masked_fill_(~keep.to(param.grad.device), 0)
     return hook
-
-
-def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """name -> parameter, for those that train (requires_grad), in the model's order: what the
-    optimizer updates, the step clips and the checkpoint saves. In BitFit, the chosen biases."""
-    return {name: param for name, param in model.named_parameters() if param.requires_grad}
-
-
-def count_parameters(model: torch.nn.Module, masks: dict[str, torch.Tensor] | None = None) -> tuple[int, int]:
-    """(trainable, total); tied weights (GPT-2's embedding and head) are counted once.
-
-    A tensor in masks counts only the entries of its slice that train.
-    """
-    masks = masks or {}
-    trainable = sum(int(masks[name].sum()) if name in masks else p.numel()
-                    for name, p in trainable_parameters(model).items())
-    # named_parameters gives each tensor once, as model.parameters() does: tied weights count once.
-    return trainable, sum(p.numel() for _, p in model.named_parameters())
 
 
 def describe_bias_terms(model: torch.nn.Module, bias_terms: str) -> str:
@@ -278,7 +171,3 @@ def describe_bias_terms(model: torch.nn.Module, bias_terms: str) -> str:
                                    f"numbers)", width=100, subsequent_indent="    ",
                                    break_long_words=False, break_on_hyphens=False))
     return "\n".join(lines)
-
-
-def describe_counts(trainable: int, total: int) -> str:
-    return f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.4f}%)"

@@ -17,8 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from bitfit.checkpoint import fingerprint_sample
 from bitfit.errors import TORCHAO_IMPORT_NOISE, InputError, library_logs_silenced
+from bitfit.model.fingerprint import fingerprint_sample
 
 NF4_BLOCK = 64  # weights that share one absmax scale (QLoRA's block size)
 NF4_SCALE_GROUP = 256  # at most this many block scales share one second-level constant (QLoRA's)
@@ -35,7 +35,7 @@ class NF4Linear(torch.nn.Linear):
     It keeps its place and its parameter names (`...c_attn.weight`, `...c_attn.bias`), so a
     delta trained on the 4-bit base names the same tensors as one trained on the plain base.
     unquantized_sample is what the base fingerprint reads from the weight it replaced
-    (bitfit.checkpoint.base_fingerprint): the 4-bit values are no longer the base's.
+    (bitfit.model.fingerprint.base_fingerprint): the 4-bit values are no longer the base's.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.nn.Parameter | None, unquantized_sample):

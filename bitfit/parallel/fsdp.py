@@ -1,6 +1,6 @@
 """Models larger than one GPU (--fsdp): every rank holds a shard of every parameter, with FSDP2.
 
-Plain torchrun (bitfit.distributed) gives every rank the whole model, which scales throughput,
+Plain torchrun (bitfit.parallel.torchrun) gives every rank the whole model, which scales throughput,
 not model size. With --fsdp, torch's fully_shard splits each parameter over the N ranks: a rank
 keeps 1/N of it, gathers a layer's full weights just before the layer runs and frees them after.
 In BitFit the frozen weights are nearly all the memory, and they are what sharding saves; the bias
@@ -11,10 +11,10 @@ The arithmetic is bitfit's, exactly as in one process:
 - The loss of each rank is already divided by the label tokens of the whole global window, so
   the ranks' gradients must be summed. FSDP averages them by default: shard_model sets it to sum.
 - FSDP reduces in every backward pass; train_step turns that on for the last micro-batch of the
-  window only (sync_gradients_in_backward), so gradients cross the wire once per optimizer step.
+  window only (ShardedWorld.sync_gradients_in_backward), so gradients cross the wire once per step.
 - clip_grad_norm_ over the sharded gradients measures all the ranks' shards: the global norm.
-- Every rank runs every micro-batch (train_loop adds idle_micro_batch where a rank has fewer),
-  since each layer's gather needs all of them.
+- Every rank runs every micro-batch (ShardedWorld.fill_window adds idle_micro_batch where a rank
+  has fewer), since each layer's gather needs all of them.
 
 With --quantize nf4 the 4-bit weights are sharded too: each rank keeps its rows' 4-bit codes and
 scales, FSDP gathers those, and torchao rebuilds the 4-bit weight from them (NF4Tensor's
@@ -24,23 +24,53 @@ every rank (FSDP's ignored_params): the run works on any number of ranks, and ho
 N times. Real models' layers split over 2, 4 or 8 ranks.
 
 Saving gathers what is written (the biases, or in full mode the whole model on rank 0 only);
-resuming saves and loads the sharded state with torch.distributed.checkpoint (bitfit.resume).
+resuming saves and loads the sharded state with torch.distributed.checkpoint (bitfit.store.checkpoint).
 
 FSDP's modules are imported inside the functions that need them, and only in a process group:
 importing them takes half a second, which a run in one process never pays.
 """
 
+import dataclasses
 import math
 import warnings
 
 import torch
 import torch.distributed as dist
 
-from bitfit.bias import mask_gradients
-from bitfit.checkpoint import BIAS_FILE, save_model_folder, write_bias_delta
-from bitfit.data import IGNORE_INDEX, collate
+from bitfit.core.examples import IGNORE_INDEX, collate
 from bitfit.errors import InputError
-from bitfit.quantize import NF4Linear, splits_evenly
+from bitfit.model.bias_terms import mask_gradients
+from bitfit.model.quantize import NF4Linear, splits_evenly
+from bitfit.parallel.torchrun import TorchrunWorld
+from bitfit.store.delta import BIAS_FILE, write_bias_delta
+from bitfit.store.files import save_model_folder
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedWorld(TorchrunWorld):
+    """Several processes under --fsdp, each with a shard of every parameter (the model, once shard_model ran)."""
+
+    @classmethod
+    def of(cls, world: TorchrunWorld) -> "ShardedWorld":
+        return cls(rank=world.rank, world_size=world.world_size, local_rank=world.local_rank)
+
+    def sum_gradients(self, params: list[torch.Tensor]) -> None:
+        """Nothing: FSDP summed the shards' gradients in the window's last backward pass."""
+
+    def sync_gradients_in_backward(self, model, sync: bool) -> None:
+        """Whether the next backward pass reduce-scatters the gradients (the window's last micro-batch)
+        or only accumulates them on each rank."""
+        model.set_requires_gradient_sync(sync)
+
+    def fill_window(self, batches: list[dict], window_length: int, pad_id: int) -> list[dict]:
+        """Every rank runs every micro-batch of the window: FSDP's gathers need them all."""
+        return batches + [idle_micro_batch(pad_id)] * (window_length - len(batches))
+
+    def free_gathered_weights(self, model) -> None:
+        """Free the top-level weights (embeddings, final norm, head) that forward passes left gathered.
+        FSDP keeps them until the backward pass, which an evaluation never runs; between steps each
+        rank must hold only its shards (train_step clips and the optimizer steps those)."""
+        model.reshard()
 
 
 def check_world(config, world) -> None:
@@ -67,14 +97,14 @@ def shard_model(model, config, device: torch.device, masks: dict[str, torch.Tens
     fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=set(whole.values()))
     for module in model.modules():
         if isinstance(module, FSDPModule):
-            # Sum the ranks' gradients, as bitfit.distributed.all_reduce_grads does: a plain SUM
+            # Sum the ranks' gradients, as TorchrunWorld.sum_gradients does: a plain SUM
             # with nothing to divide by (factor 1; NCCL's PREMUL_SUM, which FSDP would use for a
             # factor of its own, does not exist in gloo).
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
     # bitfit's loss calls model.base_model and then applies the head itself, at label positions only
-    # (bitfit.loss); FSDP gathers the weights held at the top (embeddings, final norm, head) around
-    # model.forward, which that never calls. Registered as a forward method of the model, the base
+    # (bitfit.model.label_loss); FSDP gathers the weights held at the top (embeddings, final norm,
+    # head) around model.forward, which that never calls. Registered as a forward method of the model, the base
     # model's call gets the same: gathered before, and the backward pass starting from its output.
     model.base_model_forward = model.base_model.__call__
     register_fsdp_forward_method(model, "base_model_forward")
@@ -90,7 +120,7 @@ def shard_model(model, config, device: torch.device, masks: dict[str, torch.Tens
 
 def whole_4bit_weights(model, ranks: int, device: torch.device) -> dict[str, torch.nn.Parameter]:
     """--quantize nf4: the 4-bit weights that do not split evenly over the ranks
-    (bitfit.quantize.splits_evenly), by name, each moved whole to device.
+    (bitfit.model.quantize.splits_evenly), by name, each moved whole to device.
 
     FSDP leaves them out (ignored_params): it neither moves them, nor gathers them, nor reduces
     their gradient, which a frozen weight never has; each rank uses its whole copy as a run in one
@@ -134,7 +164,7 @@ def precision_policy(config):
     if config.dtype == "fp32":
         return MixedPrecisionPolicy()
     if config.mode == "bitfit":
-        # The frozen weights are stored in bf16 already and the biases in fp32 (bitfit.model.weights_dtype):
+        # The frozen weights are stored in bf16 already and the biases in fp32 (weights_dtype, bitfit.model.compute):
         # gathered as they are stored, computed under autocast as in one process, reduced in fp32. (No
         # param_dtype, which torchao's 4-bit weights would ignore: they are gathered as 4-bit storage.)
         return MixedPrecisionPolicy(reduce_dtype=torch.float32)
@@ -153,43 +183,11 @@ def transformer_blocks(model) -> list[torch.nn.Module]:
     return blocks
 
 
-def sync_gradients_in_backward(model, sync: bool) -> None:
-    """--fsdp: whether the next backward pass reduce-scatters the gradients (the window's last
-    micro-batch) or only accumulates them on each rank. Without --fsdp, nothing."""
-    if is_sharded(model):
-        model.set_requires_gradient_sync(sync)
-
-
-def free_gathered_weights(model) -> None:
-    """--fsdp: free the top-level weights (embeddings, final norm, head) that forward passes left
-    gathered. FSDP keeps them until the backward pass, which an evaluation never runs; between
-    steps each rank must hold only its shards (train_step clips and the optimizer steps those).
-    Without --fsdp, nothing."""
-    if is_sharded(model):
-        model.reshard()
-
-
 def idle_micro_batch(pad_id: int) -> dict[str, torch.Tensor]:
     """A micro-batch that changes nothing: one token and no label, so its loss and gradient are
     zero. Under --fsdp a rank whose share of a window holds fewer micro-batches than the others'
     runs these in their place: every rank must take part in every layer's gather and reduction."""
     return collate([{"input_ids": [pad_id], "labels": [IGNORE_INDEX]}], pad_id)
-
-
-def run_base_model(model, **inputs):
-    """model.base_model(**inputs); under --fsdp through the forward method shard_model registered."""
-    if is_sharded(model):
-        return model.base_model_forward(**inputs)
-    return model.base_model(**inputs)
-
-
-def is_sharded(model) -> bool:
-    """Whether shard_model sharded model; only a process group can have."""
-    if not dist.is_initialized():
-        return False
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
 
 
 def save_gathered(model, config, output_dir, trained_names: list[str], delta_metadata: dict[str, str],

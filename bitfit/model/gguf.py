@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from bitfit.errors import InputError, library_logs_silenced
-from bitfit.fetch import missing_model_hint
+from bitfit.model.known import missing_model_hint
 
 GGUF_SUFFIX = ".gguf"
 

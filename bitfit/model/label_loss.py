@@ -1,17 +1,11 @@
-"""The causal-LM loss as a sum over label tokens, so that the caller chooses the normaliser.
+"""The loss a run computes: bitfit.core.loss.causal_lm_loss_sum's number, with the head only at label positions.
 
-The definition is loss_sum_from_logits, first below: the model's logits at each position predict
-the next token, so logits[:, :-1] are scored against labels[:, 1:], and every label of -100
-(prompt, padding) is skipped. The training step divides this sum by the label tokens of its
-whole accumulation window (bitfit.loop.train_step).
-
-What a run executes is causal_lm_loss_sum, a faster path to the same number. The language-model
-head is the widest layer of a small LM (bloomz-1b1: 1536 -> 250,880, a third of its parameters),
-and most positions of an instruction example are prompt or padding, whose logits the loss never
-looks at. So the head runs only where a label is, in chunks small enough that one chunk's fp32
-logits are all that exist at any moment, and a frozen head (BitFit's) works out its gradient in
-the forward pass (FrozenHeadLossSum). The fast path equals the definition in value and in
-gradient, to float rounding. The tests that prove it:
+The language-model head is the widest layer of a small LM (bloomz-1b1: 1536 -> 250,880, a third of
+its parameters), and most positions of an instruction example are prompt or padding, whose logits
+the loss never looks at. So the head runs only where a label is, in chunks small enough that one
+chunk's fp32 logits are all that exist at any moment, and a frozen head (BitFit's) works out its
+gradient in the forward pass (FrozenHeadLossSum). A run passes label_loss_sum to train_step as its
+loss_fn; it equals the definition in value and in gradient, to float rounding. The tests that prove it:
     test_precision_and_speed.py::test_head_on_label_positions_only_matches_the_full_head
         (a frozen head and a trained one, one chunk and many, with and without grad)
     test_precision_and_speed.py::test_frozen_head_loss_matches_the_full_head_in_bf16
@@ -21,37 +15,27 @@ and test_a_frozen_head_holds_one_chunk_of_logits_at_a_time, that only one chunk 
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from bitfit.data import IGNORE_INDEX
-from bitfit.fsdp import run_base_model
+# Activation checkpointing: a chunk's logits are recomputed in the backward pass rather than kept.
+from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
-
-def loss_sum_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The definition: the sum of next-token cross-entropies, from the model's full logits."""
-    vocab = logits.size(-1)
-    return F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), labels[:, 1:].reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def label_token_count(labels: torch.Tensor) -> int:
-    """How many tokens are predicted: labels shift left by one, so position 0 never counts."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
-
-
-# ------------------------------------------------------------------- the fast path
+from bitfit.core.examples import IGNORE_INDEX
+from bitfit.core.loss import loss_sum_from_logits
 
 HEAD_CHUNK_BYTES = 64 * 2**20  # fp32 logits per chunk: 66 positions of bloomz's 250,880-wide vocabulary
 
 
-def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def label_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The forward pass and loss_sum_from_logits(model(...).logits, labels), with the head applied
     only at label positions."""
     if not head_is_plain_linear(model):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return loss_sum_from_logits(logits, batch["labels"])
-    hidden = run_base_model(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            use_cache=False).last_hidden_state  # model.base_model(...), but see bitfit.fsdp
+    # model.base_model(...); under --fsdp, the same call through the forward method that
+    # bitfit.parallel.fsdp.shard_model registers as base_model_forward, so that FSDP gathers the weights.
+    base_model = getattr(model, "base_model_forward", model.base_model)
+    hidden = base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     predicts_a_label = targets != IGNORE_INDEX
     hidden, targets = hidden[:, :-1][predicts_a_label], targets[predicts_a_label]
@@ -65,7 +49,7 @@ def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum((_head_loss_sum(head, hidden[chunk], targets[chunk])
                     for chunk in chunks(targets.numel(), chunk_tokens)), zero)
     # A trained head (full fine-tuning): each chunk's logits are recomputed in the backward pass.
-    return sum((checkpoint(_head_loss_sum, head, hidden[chunk], targets[chunk], use_reentrant=False)
+    return sum((recompute_in_backward(_head_loss_sum, head, hidden[chunk], targets[chunk], use_reentrant=False)
                 for chunk in chunks(targets.numel(), chunk_tokens)), zero)
 
 
@@ -110,7 +94,7 @@ def head_chunk_tokens(vocab_size: int) -> int:
 
 def chunks(length: int, size: int):
     # At least one chunk, if an empty one: a micro-batch without labels (an idle rank's under
-    # --fsdp, bitfit.fsdp.idle_micro_batch) still makes a loss of 0 with a backward pass.
+    # --fsdp, bitfit.parallel.fsdp.idle_micro_batch) still makes a loss of 0 with a backward pass.
     return [slice(start, start + size) for start in range(0, max(length, 1), size)]
 
 

@@ -1,17 +1,15 @@
-"""Files a run leaves behind: bias deltas, model folders and JSON, each written atomically.
+"""A delta: what a BitFit run trained (bias.safetensors), tied to the base it was trained on.
 
-Every write goes to a temporary name in the destination folder and is then renamed over the
-target (a rename within one filesystem is atomic), so a crash leaves the old file or the new
-one, never half of one. Trained tensors are checked to be finite before they are written, and
-a write that fails for lack of space or permission raises OSError, whichever library wrote it.
+A delta holds the trained tensors under their state-dict names (the biases: ~1.6 MB for a 1B model)
+and records, in its metadata, the base's id or path, the model class, each tensor's shape and dtype,
+a fingerprint of the frozen weights (bitfit.model.fingerprint), the biases --add-biases created and
+the prompt template, so that applying it to the wrong base is refused rather than silently producing
+nonsense. Applying a delta copies its tensors into a base in memory; merging writes the result as an
+ordinary model folder (bitfit.store.merge).
 """
 
-import hashlib
-import io
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -19,100 +17,31 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from bitfit.bias import add_zero_bias, is_added_bias, remove_added_bias
-from bitfit.config import TEMPLATES
+from bitfit.config import TEMPLATES, canonical_template
+from bitfit.data.templates import chat_template_hash, choose_template
 from bitfit.errors import InputError
+from bitfit.model.added_biases import add_zero_bias, is_added_bias, remove_added_bias
+from bitfit.model.fingerprint import base_fingerprint
+from bitfit.store.files import atomic_write, first_non_finite, refuse_non_finite
 
 BIAS_FILE = "bias.safetensors"
 # /2 added the tensor listing and the base fingerprint; /1 files still load, unchecked by fingerprint.
 DELTA_FORMAT = "bitfit-bias-delta/2"
-FINGERPRINT_HEAD = 4  # values sampled from the start of each frozen tensor, plus its last
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(temporary_path), then move the result onto path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except OSError as error:
-        error.filename = error.filename or str(path)  # a failed write() names no file; say which
-        raise
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-
-
-def save_torch(obj, path: Path) -> None:
-    """torch.save, atomically. torch reports a failed write (a full disk) as a RuntimeError that
-    hides the cause, so it writes through a file object that keeps the OSError, raised instead."""
-
-    class KeepError(io.RawIOBase):
-        def __init__(self, file):
-            self.file, self.error = file, None
-
-        def writable(self):
-            return True
-
-        def write(self, data):
-            try:
-                return self.file.write(data)
-            except OSError as error:
-                self.error = error
-                raise
-
-    def write(temporary):
-        with open(temporary, "wb") as file:
-            sink = KeepError(file)
-            try:
-                torch.save(obj, sink)
-            except RuntimeError:
-                if sink.error is None:
-                    raise
-                raise sink.error from None
-
-    atomic_write(path, write)
-
-
-def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
-    """The name of the first floating-point tensor holding a NaN or an inf, if any."""
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            return name
-    return None
-
-
-def refuse_non_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
-    """A diverged run must not leave a file that looks like a result: refuse before writing."""
-    name = first_non_finite(tensors)
-    if name is not None:
-        raise InputError(f"{what}: {name} holds NaN or inf values; nothing was written (try a lower --lr)")
-
-
-def umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def save_json(path: Path, data) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def save_bias_delta(path: Path, model: torch.nn.Module, names: list[str], base_model: str,
                     added_biases: list[str] | None = None, quantized_base: str | None = None,
-                    template: str = "seed", chat_template_hash: str | None = None) -> None:
+                    template: str = "human-assistant", chat_template_hash: str | None = None) -> None:
     """Save the named trained tensors, under their state-dict names, with what they must be paired with.
 
     The metadata (safetensors allows only str -> str) records the base's id or path, the model
     class, each tensor's shape and dtype, and a fingerprint of the frozen weights, so that
     applying the delta to the wrong base is refused rather than silently producing nonsense.
     added_biases lists the tensors the base does not have (--add-biases); by default, those
-    of names that bitfit.bias.add_zero_bias marked. quantized_base ("nf4") says the base was held
+    of names that bitfit.model.added_biases.add_zero_bias marked. quantized_base ("nf4") says the base was held
     in 4 bits while the delta trained; the fingerprint is the unquantized base's all the same.
-    template says how the training prompts were written ("seed" or "chat", bitfit.chat), and
+    template says how the training prompts were written ("human-assistant" or "chat",
+    bitfit.data.templates), and
     chat_template_hash which chat template: generate.py prompts the tuned model the same way.
     """
     params = dict(model.named_parameters())
@@ -123,7 +52,7 @@ def save_bias_delta(path: Path, model: torch.nn.Module, names: list[str], base_m
 
 def bias_delta_metadata(model: torch.nn.Module, names: list[str], base_model: str,
                         added_biases: list[str] | None = None, quantized_base: str | None = None,
-                        template: str = "seed", chat_template_hash: str | None = None) -> dict[str, str]:
+                        template: str = "human-assistant", chat_template_hash: str | None = None) -> dict[str, str]:
     """What a delta of the named tensors records about its base and its prompts (see save_bias_delta)."""
     if added_biases is None:
         params = dict(model.named_parameters())
@@ -148,42 +77,6 @@ def write_bias_delta(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
     # Serialised in memory (a few MB of biases) and written by Python, so that a full disk raises
     # OSError, and the file gets the user's umask like every other file of the run.
     atomic_write(path, lambda tmp: tmp.write_bytes(safetensors_bytes(tensors, metadata=metadata)))
-
-
-def base_fingerprint(model: torch.nn.Module, delta_names) -> str:
-    """A short hash that tells one base model from another: names, shapes and a few values.
-
-    Only the frozen parameters (those not in the delta) count, since training changes the rest;
-    biases added by --add-biases are not the base's, and never count.
-    Hashing whole tensors would read every weight of a 1B model; the first few values and the
-    last of each tensor tell one checkpoint from another (fine-tuning moves nearly every value,
-    though a single edited weight would go unseen), and they reach the CPU in one transfer.
-    They are rounded to bfloat16 first, so the same base loaded in fp32 or bf16 matches.
-    """
-    delta_names = set(delta_names)
-    frozen = sorted(((name, param) for name, param in model.named_parameters()
-                     if name not in delta_names and not is_added_bias(param)), key=lambda item: item[0])
-    modules = dict(model.named_modules())
-    shapes, samples = [], []
-    for name, param in frozen:
-        owner, _, leaf = name.rpartition(".")
-        # A weight held in 4 bits (bitfit.quantize) no longer has the base's values; its layer kept
-        # the sample of the weight it replaced, so the 4-bit base and the plain one match.
-        recorded = getattr(modules[owner], "unquantized_sample", None) if leaf == "weight" else None
-        shape, values = recorded or fingerprint_sample(param)
-        shapes.append([name, shape])
-        samples.append(values.to(param.device))
-    values = torch.cat(samples).cpu() if samples else torch.empty(0, dtype=torch.bfloat16)
-    digest = hashlib.sha256(json.dumps(shapes).encode())
-    digest.update(values.view(torch.int16).numpy().tobytes())  # numpy has no bfloat16: hash the bits
-    return digest.hexdigest()[:16]
-
-
-def fingerprint_sample(tensor: torch.Tensor) -> tuple[list[int], torch.Tensor]:
-    """What the fingerprint reads from one frozen tensor: its shape, and its first few values and its
-    last, rounded to bfloat16."""
-    flat = tensor.detach().reshape(-1)
-    return list(tensor.shape), torch.cat([flat[:FINGERPRINT_HEAD], flat[-1:]]).to(torch.bfloat16)
 
 
 def find_bias_file(path: str) -> Path:
@@ -311,10 +204,11 @@ def delta_added_biases(metadata: dict[str, str] | None) -> list[str]:
 
 
 def delta_template(metadata: dict[str, str] | None) -> tuple[str, str | None]:
-    """How the delta's training prompts were written: ("seed", None), or ("chat", the template's hash).
-    Deltas from before templates were recorded trained on the seed's."""
+    """How the delta's training prompts were written: ("human-assistant", None), or ("chat", the template's
+    hash). Deltas from before templates were recorded trained on human-assistant, which they may call seed."""
     metadata = metadata or {}
-    template, digest = metadata.get("template", "seed"), metadata.get("chat_template_hash")
+    template = canonical_template(metadata.get("template", "human-assistant"))
+    digest = metadata.get("chat_template_hash")
     if template not in TEMPLATES:
         raise InputError(f"its template metadata is {template[:20]!r}, not one of {', '.join(TEMPLATES)}")
     if template == "chat" and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{16}", digest)):
@@ -331,34 +225,20 @@ def _bias_less_linear(model: torch.nn.Module, name: str) -> torch.nn.Linear | No
     return module if isinstance(module, torch.nn.Linear) and module.bias is None else None
 
 
-def save_model_folder(folder: Path, model, tokenizer, state_dict: dict | None = None) -> None:
-    """Write a Hugging Face model folder, replacing any old one only once the new one is whole.
-
-    state_dict, when given, holds the weights to write (under --fsdp, gathered from the shards)."""
-    folder = Path(folder)
-    refuse_non_finite(dict(model.named_parameters()) if state_dict is None else state_dict, "the trained model")
-    staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        try:
-            model.save_pretrained(staging, state_dict=state_dict)
-        except SafetensorError as error:  # safetensors names a full disk only in its message
-            raise _os_error(error, staging) from None
-        tokenizer.save_pretrained(staging)
-        mode = 0o666 & ~umask()  # safetensors creates its files 0600
-        for file in staging.rglob("*"):
-            if file.is_file():
-                os.chmod(file, mode)
-        retired = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        if folder.exists():
-            os.replace(folder, retired)
-        os.replace(staging, folder)
-        shutil.rmtree(retired, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _os_error(error: Exception, path: Path) -> Exception:
-    """The OSError behind a library's "... (os error 28)", or the error itself."""
-    number = re.search(r"os error (\d+)", str(error))
-    return OSError(int(number.group(1)), os.strerror(int(number.group(1))), str(path)) if number else error
+def prompt_template(tokenizer, metadatas: list[dict], requested: str | None = None, force: bool = False) -> str:
+    """The prompt format to answer in: --template if given, else the one the deltas were trained with,
+    else chat where the tokenizer has a chat template. A delta trained through another chat template
+    than this tokenizer's is refused unless force: its prompts would not be the ones it learned from."""
+    recorded = sorted({delta_template(metadata) for metadata in metadatas}, key=str)
+    if requested is None and len({template for template, _ in recorded}) > 1:
+        raise InputError(f"the bias deltas were trained with different prompt formats "
+                         f"({', '.join(sorted({template for template, _ in recorded}))}); choose one with --template")
+    template = choose_template(requested or (recorded[0][0] if recorded else None), tokenizer)
+    if template == "chat" and not force:
+        actual = chat_template_hash(tokenizer)
+        for _, digest in recorded:
+            if digest is not None and digest != actual:
+                raise InputError(f"the bias delta was trained through chat template {digest}, and this tokenizer's "
+                                 f"is {actual}: the prompts would differ from those it learned from; load the "
+                                 f"recorded base, or --force to prompt through this template")
+    return template

@@ -1,14 +1,14 @@
-"""Resumable training state: what it takes to continue a run exactly where it stopped.
+"""A training checkpoint (checkpoint.pt): what it takes to continue a run exactly where it stopped (--resume).
 
-A checkpoint holds the trainable tensors (in BitFit, the biases: a few MB whatever the model
+A training checkpoint holds the trainable tensors (in BitFit, the biases: a few MB whatever the model
 size), the optimizer's moments, the progress counters and the random-number state. The frozen
 weights are not in it: they are reloaded from the base model, so the progress also records
 fingerprints of the base and of the data, and a resumed run refuses to go on if either changed.
 
-The training loop calls save_checkpoint_if_due after every optimizer step, inside StopOnCtrlC:
+A run passes save_checkpoint_if_due to the training loop as its after_step, inside StopOnCtrlC:
 a checkpoint is written every --save-every steps, and when Ctrl-C asks the run to stop.
 
-Under --fsdp (bitfit.fsdp) no rank holds the whole of the trained tensors: each rank writes its
+Under --fsdp (bitfit.parallel.fsdp) no rank holds the whole of the trained tensors: each rank writes its
 shards of them and of AdamW's moments with torch.distributed.checkpoint, into a folder beside
 checkpoint.pt, which then names it (save_sharded_training_state).
 """
@@ -23,12 +23,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bitfit.bias import trainable_parameters
-from bitfit.checkpoint import first_non_finite, refuse_non_finite, save_torch
-from bitfit.config import TrainConfig
-from bitfit.distributed import any_rank
-from bitfit.errors import InputError, Interrupted
-from bitfit.rundir import CHECKPOINT_FILE, SHARDED_CHECKPOINT, find_checkpoint
+from bitfit.config import TrainConfig, canonical_template
+from bitfit.core.trainable import trainable_parameters
+from bitfit.errors import Diverged, InputError, Interrupted
+from bitfit.store.files import first_non_finite, refuse_non_finite, save_torch
+from bitfit.store.run_folder import CHECKPOINT_FILE, SHARDED_CHECKPOINT, find_checkpoint
 
 CHECKPOINT_FORMAT = "bitfit-checkpoint/1"
 CHECKPOINT_KEYS = ("config", "trainable", "optimizer", "progress", "rng")
@@ -67,8 +66,8 @@ def save_sharded_training_state(output_dir, model, optimizer, config, progress: 
     import torch.distributed.checkpoint as dcp  # here, not above: one process never needs it
 
     shards = {name: param.to_local() for name, param in trainable_parameters(model).items()}
-    if any_rank(first_non_finite(shards) is not None, device):  # every rank refuses, or none
-        raise InputError(f"checkpoint at optimizer step {progress['step']}: the trained tensors hold NaN or "
+    if world.any(first_non_finite(shards) is not None, device):  # every rank refuses, or none
+        raise Diverged(f"checkpoint at optimizer step {progress['step']}: the trained tensors hold NaN or "
                          f"inf values; nothing was written (try a lower --lr)")
     output_dir = Path(output_dir)
     folder = output_dir / SHARDED_CHECKPOINT.format(step=progress["step"])
@@ -83,15 +82,14 @@ def save_sharded_training_state(output_dir, model, optimizer, config, progress: 
 def sharded_state(model, optimizer) -> dict:
     """The state torch.distributed.checkpoint saves, and loads into: the trained tensors (not the
     frozen weights, which come from the base again) and AdamW's moments, as this rank's shards."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     return {"model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)),
             "optimizer": get_optimizer_state_dict(model, optimizer)}
 
 
 def load_training_state(run_dir: str) -> dict:
-    """The checkpoint --resume RUN_DIR continues from (see bitfit.rundir.find_checkpoint), checked."""
+    """The training checkpoint --resume RUN_DIR continues from (bitfit.store.run_folder.find_checkpoint), checked."""
     path = find_checkpoint(run_dir)
     try:
         # weights_only: a checkpoint is data (tensors, numbers, strings), never code to run.
@@ -106,8 +104,10 @@ def load_training_state(run_dir: str) -> dict:
         missing += [f"rng.{key}" for key in ("torch", "python", "cuda") if key not in state["rng"]]
     if missing:
         raise InputError(f"{path}: a damaged bitfit checkpoint: it has no {', '.join(missing)}")
-    # Runs from before --format and --template read alpaca rows through the seed's template.
-    state["config"] = {"format": "alpaca", "template": "seed", **state["config"]}
+    # Runs from before --format and --template read alpaca rows through the human-assistant template,
+    # which runs from before its rename call seed.
+    state["config"] = {"format": "alpaca", "template": "human-assistant", **state["config"]}
+    state["config"]["template"] = canonical_template(state["config"]["template"])
     unknown = sorted(set(state["config"]) - {field.name for field in dataclasses.fields(TrainConfig)})
     if unknown:
         raise InputError(f"{path}: unknown setting(s) {', '.join(unknown)} (written by another version of "
@@ -162,8 +162,7 @@ def restore_training_state(state: dict, model, optimizer) -> dict:
 def load_sharded_state(folder: str, model, optimizer) -> None:
     """--fsdp, on every rank: each loads its shards from the folder save_sharded_training_state wrote."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     state = sharded_state(model, optimizer)
     dcp.load(state, checkpoint_id=folder)
@@ -176,11 +175,11 @@ def save_checkpoint_if_due(model, optimizer, config, progress: dict, *, total_st
     """After an optimizer step: write checkpoint.pt every --save-every steps and at the last step,
     or when Ctrl-C was pressed, and then stop the run with Interrupted.
 
-    It goes in checkpoint_dir (the run's staging folder, see bitfit.rundir), by default config.output_dir.
+    It goes in checkpoint_dir (the run's staging folder, see bitfit.store.run_folder), by default config.output_dir.
     """
     step = progress["step"]
     last_step = step == total_steps
-    stop = any_rank(ctrl_c.pressed, device)  # every rank stops at the same step
+    stop = world.any(ctrl_c.pressed, device)  # every rank stops at the same step
     save = stop or (config.save_every and (step % config.save_every == 0 or last_step))
     if save and config.fsdp:  # each rank holds shards of the state: all of them save
         save_sharded_training_state(checkpoint_dir or config.output_dir, model, optimizer, config, progress,

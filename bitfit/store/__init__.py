@@ -1,0 +1,12 @@
+"""What a run stores, one word per kind of file, each written atomically.
+
+    files       atomic writes (JSON, torch.save, model folders), finite-value checks
+    delta       a delta: the trained biases (bias.safetensors), tied to their base; applying and checking it
+    merge       a delta merged into its base for good, as an ordinary model folder (bitfit.export)
+    run_folder  the run folder as a transaction: staging beside it, a lock, the swap, cleanup
+    checkpoint  a training checkpoint (checkpoint.pt): what --resume continues from; Ctrl-C
+    metrics     metrics.jsonl, memory and throughput, the summary table
+
+May import: the standard library, torch, safetensors, transformers, tqdm;
+bitfit.errors, bitfit.config, bitfit.core, bitfit.data, bitfit.model
+"""

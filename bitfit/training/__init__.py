@@ -1,0 +1,9 @@
+"""A whole training run, as train.py makes it: the setup every caller shares, the run, its summary.
+
+    setup    the setup steps in order (freeze, place, precision and kernels, --fsdp's sharding, AdamW)
+    run      read, load, set up, train_loop with the run's files, save; the run folder as a transaction
+    summary  summary.json: counts, rates, memory, losses
+
+May import: the standard library, torch; bitfit.errors, bitfit.config, bitfit.core, bitfit.data, bitfit.model,
+bitfit.store, bitfit.parallel
+"""
