@@ -60,12 +60,11 @@ NO_LOSS_SCALING = NoLossScaling()
 
 
 def train_step(model, optimizer, batches: list[dict], label_tokens: int, *, max_grad_norm: float, device,
-               dtype: str = "fp32", loss_fn=causal_lm_loss_sum, scaler=None,
+               dtype: str = "fp32", loss_fn=causal_lm_loss_sum, scaler=NO_LOSS_SCALING,
                world=SINGLE) -> tuple[float, float]:
     """One optimizer step over a window of micro-batches: forward, token-weighted backward, clip, step.
     label_tokens is the window's label-token count (over every rank under torchrun).
     Returns the window's loss sum and the gradient norm before clipping."""
-    scaler = scaler or NO_LOSS_SCALING
     params = list(trainable_parameters(model).values())  # in BitFit, the biases: all that has a gradient
     window_loss_sum = torch.zeros((), device=device)
     for index, batch in enumerate(batches):
