@@ -13,19 +13,8 @@ import argparse
 import sys
 
 from bitfit.cli import ArgumentParser, run_main
-from bitfit.config import (
-    DEFAULT_LR,
-    DEVICES,
-    DTYPES,
-    FORMATS,
-    MODES,
-    QUANTIZE,
-    TEMPLATE_ALIASES,
-    TEMPLATES,
-    TrainConfig,
-    canonical_template,
-    read_config_file,
-)
+from bitfit.config import (DEFAULT_LR, DEVICES, DTYPES, FORMATS, MODES, QUANTIZE, REPORT_TO, TEMPLATE_ALIASES,
+                           TEMPLATES, TrainConfig, canonical_template, read_config_file)
 from bitfit.errors import InputError
 
 D = TrainConfig()  # the defaults, shown in --help
@@ -88,6 +77,8 @@ def build_parser() -> ArgumentParser:
                                                   "to train")
     add("--quantize", choices=QUANTIZE, help="BitFit with the frozen weights of the transformer blocks held in "
                                              "4 bits (NF4, as in QLoRA); embeddings, norms and head keep --dtype")
+    add("--report-to", choices=REPORT_TO, help="also write the metrics as TensorBoard event files, in the run "
+                                               "folder's tensorboard/ (metrics.jsonl is always written)")
     add("--fsdp", action="store_true", help="under torchrun: shard every parameter over the ranks (FSDP2), "
                                             "for a model too large for one GPU")
     return parser

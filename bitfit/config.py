@@ -24,6 +24,7 @@ MODES = ("bitfit", "full")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("fp32", "bf16", "fp16")
 QUANTIZE = ("nf4",)
+REPORT_TO = ("tensorboard",)
 # Data formats, told apart by their columns (bitfit.data.formats); prompt formats (bitfit.data.templates).
 FORMATS = ("alpaca", "prompt-completion", "messages", "sharegpt")
 # human-assistant is the seed notebook's "Human: ... Assistant: " prompt; it was called "seed", which
@@ -75,6 +76,7 @@ class TrainConfig:
     add_biases: bool = False  # BitFit: give the chosen bias-less Linear layers zero biases to train
     quantize: str | None = None  # BitFit: "nf4" holds the frozen block weights in 4 bits (bitfit.model.quantize)
     fsdp: bool = False  # under torchrun: shard every parameter over the ranks (bitfit.parallel.fsdp)
+    report_to: str | None = None  # "tensorboard": the metrics as TensorBoard event files too
 
     def __post_init__(self):
         self.template = canonical_template(self.template)
@@ -126,6 +128,8 @@ class TrainConfig:
             if self.mode == "full":
                 raise InputError(f"--quantize {self.quantize} holds the frozen weights in 4 bits for --mode "
                                  f"bitfit; --mode full trains every weight, and quantized weights cannot be trained")
+        if self.report_to is not None:
+            _check_choice("--report-to", self.report_to, REPORT_TO)
         if self.fsdp and self.dtype == "fp16":
             raise InputError("--fsdp with --dtype fp16 is not supported (fp16's loss scaling would have to agree "
                              "across the shards); use --dtype bf16")

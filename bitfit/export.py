@@ -1,13 +1,17 @@
-"""Merge a bias delta into its base and write an ordinary Hugging Face model folder, e.g.
+"""Take a delta out of bitfit, in the form its users run, e.g.
 
-    python -m bitfit.export --bias runs/bitfit --out runs/bitfit-merged
+    python -m bitfit.export --bias runs/bitfit --out runs/bitfit-merged                      # --format hf
+    python -m bitfit.export --bias runs/bitfit --format gguf --out tuned.gguf --model base.gguf
+    python -m bitfit.export --bias runs/bitfit --format peft --out runs/bitfit-adapter
 
-The folder (weights with the tuned biases in place, config, tokenizer with its chat template)
-loads with AutoModelForCausalLM.from_pretrained and needs neither bitfit nor the delta to run.
+hf (the default): the base with the delta merged in, an ordinary Hugging Face model folder that loads
+with AutoModelForCausalLM.from_pretrained and needs neither bitfit nor the delta (bitfit.store.merge).
+gguf: a copy of a GGUF base file, quantized blocks untouched, with the trained biases added: llama.cpp,
+Ollama and LM Studio run it (bitfit.store.gguf_export). peft: a BEFT adapter folder that
+peft.PeftModel.from_pretrained loads onto the base (bitfit.store.peft_export).
 
-A delta with biases that --add-biases created needs an architecture whose config can switch
-those biases on (LLaMA's attention_bias and mlp_bias); where none can, export refuses
-(bitfit.store.merge).
+Each checks the delta against its base first (fingerprint, shapes, chat template), refuses what the format
+cannot carry in one line before anything is written, and writes atomically.
 """
 
 import sys
@@ -16,17 +20,23 @@ from pathlib import Path
 from bitfit.cli import ArgumentParser, run_main
 from bitfit.errors import InputError
 
+FORMATS = ("hf", "gguf", "peft")
+
 
 def parse_args(argv=None):
     parser = ArgumentParser(prog="python -m bitfit.export",
-                            description="Write a base model with a bias delta merged in as a model folder.")
+                            description="Write a bias delta out as a merged model folder, a GGUF file for "
+                                        "llama.cpp, or a PEFT adapter.")
     add = parser.add_argument
-    add("--model", help="base model: hub id, folder or .gguf file (default: the base recorded in the delta)")
+    add("--model", help="base model: hub id, folder or .gguf file (default: the base recorded in the delta; "
+                        "--format gguf needs a .gguf file)")
     add("--bias", required=True, help="a run folder holding bias.safetensors, or the file itself")
-    add("--out", required=True, help="the model folder to write (new or empty)")
-    add("--overwrite", action="store_true", help="replace --out even though it holds files")
+    add("--format", choices=FORMATS, default="hf",
+        help="hf: a merged model folder (default); gguf: a GGUF file for llama.cpp; peft: a BEFT adapter folder")
+    add("--out", required=True, help="the model folder (hf, peft: new or empty) or .gguf file (gguf: new) to write")
+    add("--overwrite", action="store_true", help="replace --out even though it exists")
     add("--force", action="store_true",
-        help="merge even though the delta's recorded base fingerprint, or chat template, differs from this base's")
+        help="export even though the delta's recorded base fingerprint, or chat template, differs from this base's")
     return parser.parse_args(argv)
 
 
@@ -34,29 +44,67 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     from bitfit.data.templates import has_chat_template
     from bitfit.model.loading import load_model_and_tokenizer
-    from bitfit.store.delta import load_bias_delta, prompt_template, recorded_base
-    from bitfit.store.files import save_model_folder
-    from bitfit.store.merge import merge_bias_delta
+    from bitfit.store.delta import check_bias_delta, load_bias_delta, prompt_template, recorded_base
 
     tensors, metadata = load_bias_delta(args.bias)
     model_name = args.model or recorded_base([metadata])
     if model_name is None:
         raise InputError(f"{args.bias}: the delta does not record its base model; name it with --model")
     out = Path(args.out)
-    _check_out_folder(out, model_name, args.overwrite)
+    if args.format == "gguf":
+        base_file = check_gguf_base(model_name, list(tensors), out, args.overwrite)
+    else:
+        _check_out_folder(out, model_name, args.overwrite)
     model, tokenizer = load_model_and_tokenizer(model_name)
-    # The folder keeps the tokenizer's chat template, so it must be the one the delta trained through.
+    # What is written keeps (or is run with) the tokenizer's chat template: the one the delta trained through.
     template = prompt_template(tokenizer, [metadata], force=args.force)
     try:
-        flags = merge_bias_delta(model, tensors, metadata, force=args.force)
+        check_bias_delta(model, tensors, metadata, force=args.force)
     except InputError as error:
         raise InputError(f"{args.bias}: {error} (this base: {model_name})") from None
-    save_model_folder(out, model, tokenizer)
-    note = f" (config: {', '.join(f'{flag}=True' for flag in flags)}, for the added biases)" if flags else ""
-    print(f"wrote {out}: {model_name} with the {len(tensors)} bias tensors of {args.bias} merged in{note}")
+    if args.format == "hf":
+        from bitfit.store.files import save_model_folder
+        from bitfit.store.merge import merge_bias_delta
+
+        flags = merge_bias_delta(model, tensors, metadata, force=True)  # checked above
+        save_model_folder(out, model, tokenizer)
+        note = f" (config: {', '.join(f'{flag}=True' for flag in flags)}, for the added biases)" if flags else ""
+        print(f"wrote {out}: {model_name} with the {len(tensors)} bias tensors of {args.bias} merged in{note}")
+    elif args.format == "gguf":
+        from bitfit.store.gguf_export import write_gguf_with_biases
+
+        write_gguf_with_biases(base_file, out, tensors, model.config)
+        print(f"wrote {out}: {base_file} with the {len(tensors)} bias tensors of {args.bias} added "
+              f"({out.stat().st_size / 1e6:.0f} MB, the base {base_file.stat().st_size / 1e6:.0f} MB)")
+    else:
+        from bitfit.store.peft_export import write_peft_adapter
+
+        write_peft_adapter(model, tensors, metadata, out, model_name)
+        print(f"wrote {out}: a BEFT adapter of the {len(tensors)} bias tensors of {args.bias}, for {model_name}")
     if template == "human-assistant" and has_chat_template(tokenizer):
         print("note: the delta trained on human-assistant prompts (Human: ... Assistant: ), not through the chat "
-              "template the folder's tokenizer carries; prompt it that way")
+              "template the tokenizer carries; prompt it that way")
+
+
+def check_gguf_base(model_name: str, names: list[str], out: Path, overwrite: bool) -> Path:
+    """Before anything loads: the base is a GGUF file whose architecture llama.cpp loads these biases for,
+    and --out is a file that may be written. Returns the base file."""
+    from bitfit.model.gguf import find_gguf_file, is_gguf_source
+    from bitfit.store.gguf_export import gguf_bias_names
+    from bitfit.store.run_folder import check_output_path
+
+    if not is_gguf_source(model_name):
+        raise InputError(f"--format gguf copies a GGUF base file, and the base {model_name} is not one: name the GGUF "
+                         f"file of the same model with --model, or export --format hf and convert that folder with "
+                         f"llama.cpp's convert_hf_to_gguf.py")
+    base_file = find_gguf_file(model_name)
+    gguf_bias_names(base_file, names)
+    check_output_path(out, "--out", file=True)
+    if out.exists() and out.resolve() == base_file.resolve():
+        raise InputError(f"--out {out} is the base file itself; choose another")
+    if out.exists() and not overwrite:
+        raise InputError(f"--out {out} exists; choose a new file, or pass --overwrite to replace it")
+    return base_file
 
 
 def _check_out_folder(out: Path, model_name: str, overwrite: bool) -> None:

@@ -10,6 +10,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import gguf
+import numpy as np
 import pytest
 import torch
 
@@ -200,3 +202,81 @@ def leftovers(folder) -> list[str]:
 def error_lines(err: str) -> list[str]:
     """stderr's lines without tqdm's progress bars."""
     return [line for line in err.splitlines() if line.strip() and "%|" not in line]
+
+
+# ------------------------------------------------------------ a tiny LLaMA as a GGUF file
+
+# A turn ends with the tokenizer's one special token, as ChatML's end with <|im_end|>.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|endoftext|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def write_llama_gguf(path, model, tokenizer) -> None:
+    """Write a LLaMA and its byte-level BPE tokenizer in F32 as llama.cpp's converter does: GGUF
+    tensor names, the query and key rows reordered for its rotary layout, no output.weight when tied."""
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    special = set(tokenizer.all_special_tokens)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([token for token, _ in vocab])
+    writer.add_token_types([gguf.TokenType.CONTROL if token in special else gguf.TokenType.NORMAL
+                            for token, _ in vocab])
+    writer.add_token_merges([" ".join(merge) if isinstance(merge, list) else merge
+                             for merge in backend["model"]["merges"]])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_chat_template(CHAT_TEMPLATE)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        base, suffix = name.rsplit(".", 1)
+        array = tensor.float().numpy()
+        if base.endswith("q_proj"):
+            array = llama_cpp_rotary_order(array, config.num_attention_heads)
+        elif base.endswith("k_proj"):
+            array = llama_cpp_rotary_order(array, config.num_key_value_heads)
+        writer.add_tensor(f"{names.get_name(base)}.{suffix}", np.ascontiguousarray(array))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def llama_cpp_rotary_order(weight: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's converter interleaves each head's rows (its rotary pairs adjacent dimensions)."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2) \
+        .reshape(weight.shape)
+
+
+@pytest.fixture(scope="session")
+def llama(tiny_model_dir):
+    """A 2-layer LLaMA with grouped-query attention and tied embeddings, random weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.eos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval(), tokenizer
+
+
+@pytest.fixture(scope="session")
+def gguf_path(llama, tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "tiny-llama.F32.gguf"
+    write_llama_gguf(path, *llama)
+    return str(path)

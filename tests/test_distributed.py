@@ -25,7 +25,7 @@ def test_two_ranks_at_batch_4_train_like_one_process_at_batch_8(tiny_model_dir, 
     # 9 training rows: each step's window is a micro-batch of 8 and one of 1, so rank 1 has
     # nothing in the second one and must still join the gradient sum.
     common = ["--model", tiny_model_dir, "--data", alpaca_file, "--grad-accum", "2", "--max-steps", "2",
-              "--eval-size", "1", "--log-every", "1", "--save-every", "2"]
+              "--eval-size", "1", "--log-every", "1", "--save-every", "2", "--report-to", "tensorboard"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert run_main(train.main, common + ["--batch-size", "8", "--output-dir", str(one)]) == 0
 
@@ -52,7 +52,9 @@ def test_two_ranks_at_batch_4_train_like_one_process_at_batch_8(tiny_model_dir, 
     for key in ("train_loss", "eval_loss_before", "eval_loss_after"):
         assert multi[key] == pytest.approx(single[key], rel=1e-5), key
 
-    # Only rank 0 wrote, and only into the run folder; it printed the summary once.
+    # Only rank 0 wrote, and only into the run folder (TensorBoard's events too: one file); it printed the
+    # summary once.
+    assert len(list((two / "tensorboard").iterdir())) == 1
     assert sorted(path.name for path in two.iterdir()) == sorted(path.name for path in one.iterdir())
     assert list(workdir.iterdir()) == []
     assert result.stdout.count("optimizer steps") == 1

@@ -5,6 +5,9 @@ step, a few generated tokens. The converted folder stands in for the file where 
 the first test shows the two are the same model.
 """
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import ROWS, cli, prepare_for_training
@@ -13,6 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import generate
 import train
 from bitfit import export
+from bitfit.cli import run_main
+from bitfit.config import ASSETS
 from bitfit.config import TrainConfig
 from bitfit.core.examples import collate
 from bitfit.core.loop import train_loop
@@ -21,6 +26,7 @@ from bitfit.model.fingerprint import base_fingerprint
 from bitfit.model.generation import generate_answers
 from bitfit.model.loading import load_model_and_tokenizer, pad_token_id
 from bitfit.store.delta import apply_bias_delta, load_bias_delta
+from bitfit.store.merge import merge_bias_delta
 
 CPU = torch.device("cpu")
 QUESTION = "What is the capital of France?"
@@ -131,3 +137,130 @@ def test_a_delta_trained_on_it_round_trips_through_generate_and_export(real_mode
     assert not torch.allclose(tuned_logits, base_logits)  # the step did move the model
     assert generate_answers(merged, merged_tokenizer, [(QUESTION, "")], max_new_tokens=6,
                             template=metadata["template"]) == [tuned_answer]
+
+
+# ------------------------------------------------------------ out of bitfit: llama.cpp and PEFT
+
+JSON_TRAIN, JSON_HELD_OUT = ASSETS / "json_answers_train.json", ASSETS / "json_answers_held_out.json"
+# Measured here (see docs/deltas.md): llama.cpp on the Q4_1 file and bitfit on its dequantized weights give
+# next-token log-probabilities up to 0.27 apart on the base; the moves a query-and-key delta makes agree to
+# 0.23, and to 1.64 with its rows in Hugging Face's order. 0.5 tells the two apart.
+FOUR_BIT_TOLERANCE = 0.5
+
+
+@pytest.fixture(scope="module")
+def json_run(real_model, tmp_path_factory):
+    """One epoch of BitFit on the JSON-answers data at lr 3e-3, on the fp32 folder, all biases added (~45 s)."""
+    run = tmp_path_factory.mktemp("json-run") / "run"
+    assert run_main(train.main, ["--model", real_model[1], "--add-biases", "--data", str(JSON_TRAIN), "--epochs", "1",
+                                 "--batch-size", "8", "--grad-accum", "1", "--max-len", "64", "--seed", "0",
+                                 "--lr", "3e-3", "--output-dir", str(run)]) == 0
+    return run
+
+
+def llama_cpp_server(path):
+    xllamacpp = pytest.importorskip("xllamacpp")
+    params = xllamacpp.CommonParams()
+    params.model.path = str(path)
+    params.n_ctx = 512
+    params.cpuparams.n_threads = 2
+    params.cpuparams_batch.n_threads = 2
+    params.warmup = False
+    return xllamacpp.Server(params)
+
+
+def llama_cpp_answers(path, questions: list[str]) -> list[str]:
+    """llama.cpp's greedy replies, through the chat template in the file, as a user of the file gets them."""
+    server = llama_cpp_server(path)
+    return [server.handle_chat_completions({"messages": [{"role": "user", "content": question}], "max_tokens": 24,
+                                            "temperature": 0})["choices"][0]["message"]["content"]
+            for question in questions]
+
+
+def one_key_json(reply: str) -> bool:
+    try:
+        value = json.loads(reply)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(value, dict) and list(value) == ["answer"] and isinstance(value["answer"], str)
+
+
+def test_the_json_delta_as_a_gguf_file_makes_llama_cpp_answer_in_json(json_run, real_model, tmp_path, capsys):
+    gguf_path, _ = real_model
+    out = tmp_path / "tuned.gguf"
+    status, _, err = cli(export.main, ["--bias", str(json_run), "--format", "gguf", "--model", gguf_path,
+                                       "--out", str(out)], capsys)
+    assert status == 0, err
+    assert out.stat().st_size <= 1.1 * Path(gguf_path).stat().st_size
+    questions = [row["instruction"] for row in json.loads(JSON_HELD_OUT.read_text())]
+    assert len(questions) == 42
+    tuned = [one_key_json(reply) for reply in llama_cpp_answers(out, questions)]
+    base = [one_key_json(reply) for reply in llama_cpp_answers(gguf_path, questions)]
+    assert sum(tuned) >= 0.8 * len(questions) and sum(base) == 0
+
+
+def qk_run(real_model, folder) -> Path:
+    """BitFit on the query and key biases alone, for a few steps at a high rate: a delta whose effect
+    depends on its rows' order (the rotary embedding pairs them)."""
+    run = folder / "qk"
+    assert run_main(train.main, ["--model", real_model[1], "--add-biases", "--bias-terms", "query,key", "--data",
+                                 str(JSON_TRAIN), "--max-steps", "6", "--batch-size", "8", "--grad-accum", "1",
+                                 "--max-len", "64", "--seed", "0", "--lr", "1e-2", "--output-dir", str(run)]) == 0
+    return run
+
+
+def test_query_and_key_biases_move_llama_cpp_as_they_move_bitfit(real_model, tmp_path):
+    from bitfit.store.gguf_export import write_gguf_with_biases
+
+    gguf_path, folder = real_model
+    tensors, metadata = load_bias_delta(str(qk_run(real_model, tmp_path)))
+    model, tokenizer = load_folder(real_model)  # the file's weights, dequantized (the first test)
+    write_gguf_with_biases(gguf_path, tmp_path / "qk.gguf", tensors, model.config)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Which word means the opposite of day?"}],
+                                           add_generation_prompt=True, return_dict=True)["input_ids"]
+
+    def llama_cpp_log_probs(path) -> dict[int, float]:
+        reply = llama_cpp_server(path).handle_completions({"prompt": prompt, "max_tokens": 1, "temperature": 0,
+                                                           "n_probs": 10})
+        (first,) = reply["choices"][0]["logprobs"]["content"]
+        return {entry["id"]: entry["logprob"] for entry in first["top_logprobs"]}
+
+    with torch.no_grad():
+        base = torch.log_softmax(model.eval()(torch.tensor([prompt])).logits[0, -1], dim=-1)
+        apply_bias_delta(model, tensors, metadata)
+        tuned = torch.log_softmax(model(torch.tensor([prompt])).logits[0, -1], dim=-1)
+    base_cpp, tuned_cpp = llama_cpp_log_probs(gguf_path), llama_cpp_log_probs(tmp_path / "qk.gguf")
+    common = [token for token in tuned_cpp if token in base_cpp]
+    moves = {token: ((tuned_cpp[token] - base_cpp[token]), (tuned[token] - base[token]).item()) for token in common}
+    assert len(moves) >= 3
+    assert max(abs(cpp - ours) for cpp, ours in moves.values()) < FOUR_BIT_TOLERANCE
+    assert max(abs((tuned[token] - base[token]).item()) for token in tuned_cpp) > 2 * FOUR_BIT_TOLERANCE
+
+
+def test_a_zero_delta_as_a_gguf_file_answers_as_the_original_file(real_model, tmp_path):
+    from bitfit.store.gguf_export import write_gguf_with_biases
+
+    gguf_path, _ = real_model
+    model, _ = load_folder(real_model)
+    names = [f"{path}.bias" for path, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and module is not model.lm_head]
+    zeros = {name: torch.zeros(model.get_submodule(name.removesuffix(".bias")).out_features) for name in names}
+    write_gguf_with_biases(gguf_path, tmp_path / "zero.gguf", zeros, model.config)
+    questions = [row["instruction"] for row in json.loads(JSON_HELD_OUT.read_text())[:6]]
+    assert llama_cpp_answers(tmp_path / "zero.gguf", questions) == llama_cpp_answers(gguf_path, questions)
+
+
+def test_the_peft_adapter_of_the_json_delta_gives_the_merged_models_logits(json_run, real_model, tmp_path, capsys):
+    from peft import PeftModel
+
+    _, folder = real_model
+    adapter = tmp_path / "adapter"
+    status, _, err = cli(export.main, ["--bias", str(json_run), "--format", "peft", "--out", str(adapter)], capsys)
+    assert status == 0, err
+    tensors, metadata = load_bias_delta(str(json_run))
+    merged, tokenizer = load_folder(real_model)
+    merge_bias_delta(merged, tensors, metadata)  # what --format hf writes
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), str(adapter)).eval()
+    batch = collate(tokenize_rows(ROWS[:2], tokenizer, max_len=48, template="chat")[0], pad_token_id(tokenizer))
+    with torch.no_grad():
+        torch.testing.assert_close(tuned(**batch).logits, merged.eval()(**batch).logits, rtol=0, atol=1e-4)

@@ -93,17 +93,29 @@ def save_model_folder(folder: Path, model, tokenizer, state_dict: dict | None = 
     """Write a Hugging Face model folder, replacing any old one only once the new one is whole.
 
     state_dict, when given, holds the weights to write (under --fsdp, gathered from the shards)."""
-    folder = Path(folder)
     refuse_non_finite(dict(model.named_parameters()) if state_dict is None else state_dict, "the trained model")
-    staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+
+    def write(staging: Path) -> None:
         try:
             model.save_pretrained(staging, state_dict=state_dict)
         except SafetensorError as error:  # safetensors names a full disk only in its message
             raise _os_error(error, staging) from None
         tokenizer.save_pretrained(staging)
-        mode = 0o666 & ~umask()  # safetensors creates its files 0600
+
+    replace_folder(folder, write)
+
+
+def replace_folder(folder: Path, write) -> None:
+    """Call write(staging) to fill a new folder beside folder, then swap it in whole: an old folder is
+    replaced only once the new one is complete, and a failure leaves it as it was. The files get the
+    user's umask (safetensors creates its own 0600)."""
+    folder = Path(folder)
+    staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+        write(staging)
+        mode = 0o666 & ~umask()
         for file in staging.rglob("*"):
             if file.is_file():
                 os.chmod(file, mode)

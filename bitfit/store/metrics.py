@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from bitfit.errors import InputError
 from bitfit.store.files import atomic_write
 
 
@@ -63,13 +64,15 @@ def work_done(progress: dict) -> dict:
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per line, flushed as written so a crash keeps the lines.
+    """metrics.jsonl: one JSON object per line, flushed as written so a crash keeps the lines; with
+    tensorboard (a folder), the same scalars as TensorBoard event files too (--report-to tensorboard).
 
     A resumed run keeps the lines up to its checkpoint's step and drops any written after it,
-    which the resumed run is about to write again.
+    which the resumed run is about to write again; TensorBoard's reader drops those events likewise
+    (the writer's purge_step), so both continue on the same optimizer-step axis.
     """
 
-    def __init__(self, path: Path, keep_through_step: int | None = None):
+    def __init__(self, path: Path, keep_through_step: int | None = None, tensorboard: Path | None = None):
         if keep_through_step is not None and path.exists():
             kept = [line + "\n" for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= keep_through_step]
@@ -77,13 +80,40 @@ class MetricsLog:
             self.file = open(path, "a")
         else:
             self.file = open(path, "w")
+        self.tensorboard = None
+        if tensorboard is not None:
+            SummaryWriter = import_summary_writer()
+            purge_step = None if keep_through_step is None else keep_through_step + 1
+            self.tensorboard = SummaryWriter(log_dir=str(tensorboard), purge_step=purge_step)
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.tensorboard is not None:
+            for key, tag in TENSORBOARD_TAGS.items():
+                if record.get(key) is not None:
+                    self.tensorboard.add_scalar(tag, record[key], global_step=record["step"])
+            self.tensorboard.flush()  # as metrics.jsonl is: a crash keeps what was logged
 
     def close(self) -> None:
         self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+# metrics.jsonl's keys -> TensorBoard's tags, on the optimizer-step axis.
+TENSORBOARD_TAGS = {"loss": "train/loss", "lr": "train/learning_rate", "grad_norm": "train/grad_norm",
+                    "tokens_per_s": "train/tokens_per_s", "eval_loss": "eval/loss",
+                    "eval_perplexity": "eval/perplexity"}
+
+
+def import_summary_writer():
+    """torch's SummaryWriter, which needs the tensorboard package: one line where it is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise InputError("--report-to tensorboard needs the tensorboard package (pip install tensorboard)") from None
+    return SummaryWriter
 
 
 def gib(num_bytes: int | None) -> str:

@@ -28,7 +28,8 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 SHARDED_CHECKPOINT = "sharded-step-{step}"  # --fsdp: the shards of a checkpoint, beside it (bitfit.store.checkpoint)
-RESUMABLE = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE)  # what a resumed run takes over
+TENSORBOARD_DIR = "tensorboard"  # --report-to tensorboard: the metrics as TensorBoard event files
+RESUMABLE = (CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR, CHECKPOINT_FILE)  # what a resumed run takes over
 RUN_FILES = (*RESUMABLE, SUMMARY_FILE, BIAS_FILE, "model")  # everything a run writes
 # Write failures that are the machine's state, not a bug: reported in one line like bad input.
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -147,6 +148,8 @@ class RunFolder:
                 for name in (CONFIG_FILE, METRICS_FILE):
                     if (self.path / name).is_file():
                         shutil.copyfile(self.path / name, self.staging / name)
+                if (self.path / TENSORBOARD_DIR).is_dir():
+                    shutil.copytree(self.path / TENSORBOARD_DIR, self.staging / TENSORBOARD_DIR)
         self.staged = True
         return self.staging
 
@@ -188,16 +191,18 @@ def is_sharded_checkpoint(name: str) -> bool:
     return name.startswith(SHARDED_CHECKPOINT.format(step=""))
 
 
-def check_output_path(path: Path, flag: str) -> None:
-    """Refuse, before anything loads, a path where no folder can be written or replaced."""
+def check_output_path(path: Path, flag: str, file: bool = False) -> None:
+    """Refuse, before anything loads, a path where no folder (or with file, no file) can be written or replaced."""
+    kind = "file" if file else "folder"
     if path.is_symlink():
-        raise InputError(f"{flag} {path} is a symbolic link; give the folder it points to")
-    if path.exists() and not path.is_dir():
-        raise InputError(f"{flag} {path} is a file; it must be a folder")
-    ancestor = next(parent for parent in path.parents if parent.exists())
+        raise InputError(f"{flag} {path} is a symbolic link; give the {kind} it points to")
+    if path.exists() and path.is_dir() == file:
+        raise InputError(f"{flag} {path} is a {'folder' if file else 'file'}; it must be a {kind}")
+    parents = Path(os.path.abspath(path)).parents or [Path(os.path.abspath(path))]  # the root is its own parent
+    ancestor = next(parent for parent in parents if parent.exists())
     if not ancestor.is_dir():
         raise InputError(f"{flag} {path}: {ancestor} is a file, not a folder")
-    # The staging folder, the lock file and the swap are made in the folder's parent.
+    # The staging folder (or temporary file), the lock file and the swap are made in the parent.
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise InputError(f"{flag} {path}: cannot write in {ancestor} (read-only or no permission)")
     if path.exists() and not os.access(path, os.W_OK):

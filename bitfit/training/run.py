@@ -28,8 +28,9 @@ from bitfit.parallel.fsdp import check_world, save_gathered
 from bitfit.store.checkpoint import StopOnCtrlC, refuse_changed_inputs, restore_training_state, save_checkpoint_if_due
 from bitfit.store.delta import BIAS_FILE, bias_delta_metadata, write_bias_delta
 from bitfit.store.files import save_json, save_model_folder
-from bitfit.store.metrics import MetricsLog, format_summary, parameter_bytes, peak_memory_bytes, reset_peak_memory
-from bitfit.store.run_folder import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, RunFolder
+from bitfit.store.metrics import (MetricsLog, format_summary, import_summary_writer, parameter_bytes, peak_memory_bytes,
+                                  reset_peak_memory)
+from bitfit.store.run_folder import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, TENSORBOARD_DIR, RunFolder
 from bitfit.training.setup import setup_model
 from bitfit.training.summary import build_summary
 
@@ -56,6 +57,8 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=
     logs and writes files.
     """
     check_world(config, world)
+    if config.report_to == "tensorboard":
+        import_summary_writer()  # a missing package is one line, before anything is touched
     device = resolve_device(config.device)
     if device.type == "cuda" and world.world_size > 1:
         device = torch.device("cuda", world.local_rank)
@@ -159,7 +162,8 @@ def train(inputs: Inputs, setup, config: TrainConfig, progress: dict, staging, d
     metrics_log = None
     if world.is_main:
         save_json(staging / CONFIG_FILE, config.to_dict())
-        metrics_log = MetricsLog(staging / METRICS_FILE, keep_through_step=keep_metrics_through)
+        metrics_log = MetricsLog(staging / METRICS_FILE, keep_through_step=keep_metrics_through,
+                                 tensorboard=staging / TENSORBOARD_DIR if config.report_to == "tensorboard" else None)
     reset_peak_memory(device)
     try:
         with StopOnCtrlC() as ctrl_c:
