@@ -11,6 +11,8 @@ reads "BitFit: 0.04% of the parameters, 0.25x the memory".
 """
 
 import json
+import math
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -38,6 +40,7 @@ NUMBER_KEYS = ("trainable_params", "total_params", "trainable_percent", "optimiz
 # summaries written since it was added.
 OPTIONAL_ROWS = ("quantize", "weights in memory")
 PLOT_FORMATS = ("png", "svg", "pdf")
+CREATOR = "bitfit.compare"  # in each picture's metadata: the pictures this command may redraw
 FIGURE_INCHES, FIGURE_DPI = (8, 4.5), 100  # the picture is 800 x 450 pixels
 
 
@@ -51,8 +54,12 @@ def load_run(folder: str) -> dict:
     summary = check_summary(path / "summary.json", read_json(path / "summary.json"))
     config = read_json(path / "train_config.json")
     saved_name = BIAS_FILE if summary.get("mode") == "bitfit" else "model/"
+    metrics = read_metrics(path / "metrics.jsonl")
+    if not any("loss" in line for line in metrics):  # a finished run logs its last step at least
+        raise InputError(f"{folder}: its metrics.jsonl has no training line, which every finished run writes: a "
+                         f"damaged run")
     return {"name": path.name, "folder": folder, "summary": summary, "config": config,
-            "metrics": read_metrics(path / "metrics.jsonl"),
+            "metrics": metrics,
             "saved": saved_name, "saved_bytes": size_on_disk(path / saved_name)}
 
 
@@ -65,6 +72,8 @@ def check_summary(path: Path, summary: dict) -> dict:
         value = summary.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise InputError(f"{path}: {key} should be a number, found {value!r}")
+        if value is not None and not (math.isfinite(value) and value >= 0):  # json reads NaN and Infinity too
+            raise InputError(f"{path}: {key} is {value}, which no finished run writes: a damaged run")
     return summary
 
 
@@ -281,15 +290,22 @@ def plot_runs(runs: list[dict], path: Path) -> None:
     axes.grid(alpha=0.3)
     axes.legend()
     # The picture's format follows the name's suffix; the temporary file's name has none.
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format=path.suffix[1:].lower()))
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format=path.suffix[1:].lower(), metadata={"Creator": CREATOR}))
 
 
 def check_plot_path(path: Path) -> None:
-    """Refuse a picture name that cannot be written before any work is done."""
+    """Refuse, before any work is done, a picture name that cannot be written, and one that would replace
+    a file this command did not draw (a picture it drew records it, CREATOR, and is redrawn in place)."""
     if path.suffix[1:].lower() not in PLOT_FORMATS:
         raise InputError(f"--plot {path}: a picture's name ends in .png (or .svg, .pdf)")
     if not path.parent.is_dir():
         raise InputError(f"--plot {path}: no such folder {path.parent}")
+    if path.is_dir() or path.is_symlink():
+        raise InputError(f"--plot {path} is a {'folder' if path.is_dir() else 'symbolic link'}; name a new picture")
+    if path.exists() and CREATOR.encode() not in path.read_bytes():
+        raise InputError(f"--plot {path} exists, and bitfit.compare did not draw it; name a new picture")
+    if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InputError(f"--plot {path}: cannot write there (read-only or no permission)")
 
 
 # --- The command ---
@@ -327,7 +343,10 @@ def main(argv=None) -> None:
     table = build_table(runs)
     print(json.dumps(table, indent=2) if args.json else format_markdown(table))
     if plot_path is not None:
-        plot_runs(runs, plot_path)
+        try:
+            plot_runs(runs, plot_path)
+        except OSError as error:  # a full disk, or a file system that turned read-only
+            raise InputError(f"--plot {plot_path}: {error.strerror or error}; nothing was written") from None
         print(f"wrote {plot_path}", file=sys.stderr if args.json else sys.stdout)
 
 

@@ -46,7 +46,10 @@ def main(argv=None) -> None:
     from bitfit.model.loading import load_model_and_tokenizer
     from bitfit.store.delta import check_bias_delta, load_bias_delta, prompt_template, recorded_base
 
+    from bitfit.store.delta import find_bias_file
+
     tensors, metadata = load_bias_delta(args.bias)
+    delta = find_bias_file(args.bias)
     model_name = args.model or recorded_base([metadata])
     if model_name is None:
         raise InputError(f"{args.bias}: the delta does not record its base model; name it with --model")
@@ -54,7 +57,9 @@ def main(argv=None) -> None:
     if args.format == "gguf":
         base_file = check_gguf_base(model_name, list(tensors), out, args.overwrite)
     else:
-        _check_out_folder(out, model_name, args.overwrite)
+        _check_out_folder(out, model_name, args.overwrite, delta)
+    record = {"written_by": "python -m bitfit.export", "format": args.format, "delta": str(delta.resolve()),
+              "base_model": model_name}
     model, tokenizer = load_model_and_tokenizer(model_name)
     # What is written keeps (or is run with) the tokenizer's chat template: the one the delta trained through.
     template = prompt_template(tokenizer, [metadata], force=args.force)
@@ -67,19 +72,19 @@ def main(argv=None) -> None:
         from bitfit.store.merge import merge_bias_delta
 
         flags = merge_bias_delta(model, tensors, metadata, force=True)  # checked above
-        save_model_folder(out, model, tokenizer)
+        save_model_folder(out, model, tokenizer, record=record)
         note = f" (config: {', '.join(f'{flag}=True' for flag in flags)}, for the added biases)" if flags else ""
         print(f"wrote {out}: {model_name} with the {len(tensors)} bias tensors of {args.bias} merged in{note}")
     elif args.format == "gguf":
         from bitfit.store.gguf_export import write_gguf_with_biases
 
-        write_gguf_with_biases(base_file, out, tensors, model.config)
+        write_gguf_with_biases(base_file, out, tensors, model.config, record)
         print(f"wrote {out}: {base_file} with the {len(tensors)} bias tensors of {args.bias} added "
               f"({out.stat().st_size / 1e6:.0f} MB, the base {base_file.stat().st_size / 1e6:.0f} MB)")
     else:
         from bitfit.store.peft_export import write_peft_adapter
 
-        write_peft_adapter(model, tensors, metadata, out, model_name)
+        write_peft_adapter(model, tensors, metadata, out, model_name, record)
         print(f"wrote {out}: a BEFT adapter of the {len(tensors)} bias tensors of {args.bias}, for {model_name}")
     if template == "human-assistant" and has_chat_template(tokenizer):
         print("note: the delta trained on human-assistant prompts (Human: ... Assistant: ), not through the chat "
@@ -90,7 +95,7 @@ def check_gguf_base(model_name: str, names: list[str], out: Path, overwrite: boo
     """Before anything loads: the base is a GGUF file whose architecture llama.cpp loads these biases for,
     and --out is a file that may be written. Returns the base file."""
     from bitfit.model.gguf import find_gguf_file, is_gguf_source
-    from bitfit.store.gguf_export import gguf_bias_names
+    from bitfit.store.gguf_export import gguf_bias_names, written_by_export
     from bitfit.store.run_folder import check_output_path
 
     if not is_gguf_source(model_name):
@@ -103,21 +108,34 @@ def check_gguf_base(model_name: str, names: list[str], out: Path, overwrite: boo
     if out.exists() and out.resolve() == base_file.resolve():
         raise InputError(f"--out {out} is the base file itself; choose another")
     if out.exists() and not overwrite:
-        raise InputError(f"--out {out} exists; choose a new file, or pass --overwrite to replace it")
+        raise InputError(f"--out {out} exists; choose a new file, or pass --overwrite to replace an earlier export")
+    if out.exists() and not written_by_export(out):
+        raise InputError(f"--out {out} is not a file that bitfit.export wrote; --overwrite replaces only an earlier "
+                         f"export, so choose a new file")
     return base_file
 
 
-def _check_out_folder(out: Path, model_name: str, overwrite: bool) -> None:
-    """Before the model loads: a folder that can be written, never the base itself, and one that
-    holds nothing unless --overwrite (which still writes a new folder and swaps it in whole)."""
+def _check_out_folder(out: Path, model_name: str, overwrite: bool, delta: Path) -> None:
+    """Before the model loads: a folder that can be written, never the base itself nor one that holds the
+    delta, and one that holds nothing unless --overwrite, which replaces only an earlier export's folder
+    (it still writes a new folder and swaps it in whole)."""
+    from bitfit.store.files import not_exported
     from bitfit.store.run_folder import check_output_path
 
     check_output_path(out, "--out")
     if out.exists() and out.resolve() == Path(model_name).expanduser().resolve():
         raise InputError(f"--out {out} is the base model's own folder; choose another")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if out.exists() and out.resolve() in delta.resolve().parents:
+        raise InputError(f"--out {out} holds the delta being exported ({delta}); choose another folder")
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    if not overwrite:
         raise InputError(f"--out {out} holds files; choose a new or empty folder, or pass --overwrite to "
-                         f"replace it")
+                         f"replace an earlier export")
+    others = not_exported(out)
+    if others:
+        raise InputError(f"--out {out} holds {', '.join(others[:3])}{', ...' * (len(others) > 3)}, which no export "
+                         f"wrote; --overwrite replaces only an earlier export's folder, so choose a new or empty one")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ def main(argv=None) -> None:
     published = MODELS[args.name]
     folder = Path(args.dir)
     gguf_path, converted = folder / published.file_name, folder / args.name
+    check_destination(folder, gguf_path, converted, published)
     if gguf_path.is_file() and (converted / "config.json").is_file():
         print(f"{args.name} is already in {folder}: {gguf_path} and {converted}")
         return
@@ -53,6 +54,28 @@ def main(argv=None) -> None:
     convert_to_folder(gguf_path, converted)
     print(f"wrote {converted} (the same model as an ordinary Hugging Face folder, fp32); train on it with\n"
           f"  python train.py --model {converted} --add-biases")
+
+
+def check_destination(folder: Path, gguf_path: Path, converted: Path, published: PublishedModel) -> None:
+    """Before any download: --dir is a folder, a file already there is the published one (a download cut
+    short is not), and the converted folder is fetch's own or new: nothing of the user's is replaced."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"--dir {folder} is a file; name a folder (it is made if it does not exist)")
+    if gguf_path.is_dir():
+        raise InputError(f"{gguf_path} is a folder, where fetch writes the model's file; move it away first")
+    if gguf_path.is_file():
+        digest = hashlib.sha256()
+        with open(gguf_path, "rb") as file:
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
+        if digest.hexdigest() != published.sha256:
+            raise InputError(f"{gguf_path} is not the published file (sha256 {digest.hexdigest()[:16]}..., expected "
+                             f"{published.sha256[:16]}...): a download cut short, or another file; delete it and run "
+                             f"this again to download it anew")
+    if converted.exists() and (not converted.is_dir() or (any(converted.iterdir())
+                                                         and not (converted / "config.json").is_file())):
+        raise InputError(f"{converted} holds something fetch did not write; move it away, fetch writes the converted "
+                         f"model there")
 
 
 def fetch_gguf(published: PublishedModel, destination: Path) -> None:

@@ -339,7 +339,7 @@ def test_a_delta_whose_added_biases_are_not_a_list_of_names_is_refused(added, de
     assert err.count("\n") == 1 and "added_biases metadata is not a JSON list" in err, err
 
 
-def test_export_refuses_a_folder_that_holds_files_and_overwrite_swaps_a_new_one_in(tiny_model_dir, deltas,
+def test_export_refuses_a_folder_of_the_users_and_overwrite_swaps_a_new_export_in_for_an_old_one(tiny_model_dir, deltas,
                                                                                    tmp_path, capsys):
     path, tuned_logits = next(iter(deltas.items()))
     out = tmp_path / "merged"
@@ -350,9 +350,17 @@ def test_export_refuses_a_folder_that_holds_files_and_overwrite_swaps_a_new_one_
     assert status == 2 and err.count("\n") == 1 and "--out" in err and "--overwrite" in err, err
     assert {file.name: file.read_bytes() for file in out.iterdir()} == before
 
+    # --overwrite replaces only an earlier export: not a folder of the user's, whatever it holds.
+    status, _, err = cli(export.main, ["--bias", path, "--out", str(out), "--overwrite"], capsys)
+    assert status == 2 and err.count("\n") == 1 and "which no export wrote" in err, err
+    assert {file.name: file.read_bytes() for file in out.iterdir()} == before
+
+    shutil.rmtree(out)
+    assert cli(export.main, ["--bias", path, "--out", str(out)], capsys)[0] == 0
+    earlier = sorted(file.name for file in out.iterdir())
     status, _, err = cli(export.main, ["--bias", path, "--out", str(out), "--overwrite"], capsys)
     assert status == 0, err
-    assert not (out / "notes.txt").exists()  # the folder is replaced whole, not written into
+    assert sorted(file.name for file in out.iterdir()) == earlier  # the earlier export, replaced whole
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out)), tuned_logits, rtol=0, atol=0)
     assert sorted(file.name for file in tmp_path.iterdir() if file.name.startswith(".merged")) == []
     assert {oct(file.stat().st_mode & 0o777) for file in out.iterdir()} == {oct(0o666 & ~current_umask())}

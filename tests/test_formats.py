@@ -7,6 +7,7 @@ import pytest
 from conftest import ROOT
 
 from bitfit.data.rows import load_rows, load_rows_and_format
+from bitfit.data.tokenize import tokenize_rows
 from bitfit.errors import InputError
 
 CONVERSATION = [{"role": "system", "content": "Answer in one word."},
@@ -69,7 +70,15 @@ def test_extra_keys_are_left_behind_and_format_chooses_between_matching_formats(
     ([{"messages": [{"role": "user", "content": "Hi"}]}] * 2,
      "no conversation has an assistant turn: there is nothing to train on"),
     ([{"prompt": [{"role": "user", "content": "Hi"}], "completion": "Hello"}],
-     "row 1: prompt is a list, expected text (for conversations use a messages column)"),
+     "row 1: prompt is a list, expected text (for conversations use a messages column; a column-oriented file "
+     "reads as one row of lists: write a list of rows)"),
+    # Single-turn fields are text, never str() of what they hold; an optional input may be missing.
+    ([{"instruction": "q", "output": 5}], "row 1: output is a int 5, expected text"),
+    ([{"instruction": "q", "output": {"a": {"b": [1]}}}], "row 1: output is a dict, expected text"),
+    ([{"instruction": "q", "output": None}], "row 1: output is missing, expected text"),
+    ([{"instruction": "q", "output": "a"}, {"instruction": "q2"}], "row 2: output is missing, expected text"),
+    ([{"instruction": "q", "input": 3, "output": "a"}], "row 1: input is a int 3, expected text"),
+    ([{"prompt": "q", "completion": True}], "row 1: completion is a bool True, expected text"),
     ([{"question": "Hi", "answer": "Hello"}],
      "its columns (question, answer) fit no data format (alpaca: instruction, output, input (optional); "
      "prompt-completion: prompt, completion; messages: messages; sharegpt: conversations)"),
@@ -79,6 +88,31 @@ def test_bad_rows_are_named_in_one_line(rows, expected, tmp_path):
     with pytest.raises(InputError) as error:
         load_rows(path)
     assert str(error.value) == f"{path}: {expected}"
+
+
+def test_a_column_oriented_json_file_is_refused_not_trained_as_lists(tmp_path):
+    path = tmp_path / "columns.json"
+    path.write_text(json.dumps({"instruction": ["a", "b"], "input": ["", ""], "output": ["x", "y"]}))
+    with pytest.raises(InputError, match=r"row 1: instruction is a list, expected text .*write a list of rows"):
+        load_rows(str(path))
+
+
+def test_a_row_of_another_format_under_a_forced_format_is_refused_by_its_number(tmp_path):
+    path = write_jsonl(tmp_path / "mixed.jsonl", [{"instruction": "q", "output": "a"},
+                                                  {"prompt": "p", "completion": "c"}])
+    with pytest.raises(InputError) as error:
+        load_rows(path, format="alpaca")
+    assert str(error.value) == f"{path}: row 2: instruction is missing, expected text"
+
+
+def test_an_empty_answer_is_text_and_trains_the_eos_alone(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    path = write_jsonl(tmp_path / "empty.jsonl", [{"instruction": "Say nothing.", "output": ""}])
+    (row,) = load_rows(path)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    (example,), _ = tokenize_rows([row], tokenizer, max_len=64)
+    assert [label for label in example["labels"] if label != -100] == [tokenizer.eos_token_id]
 
 
 def test_a_format_whose_columns_are_missing_is_refused(tmp_path):

@@ -61,6 +61,9 @@ BF16_CASES = {"bitfit-bf16": ["--dtype", "bf16"], "full-bf16": ["--mode", "full"
 ALL_CASES = {**CASES, **BF16_CASES}
 # Resuming: 4 steps straight, and the same run stopped by Ctrl-C after step 2 and resumed to 4.
 RESUMED = {"bitfit": ["--bias-terms", "query,value"], "full": ["--mode", "full"]}
+# Resuming a model with dropout (the built-in GPT-2's 0.1): each rank draws its own masks, so each rank's random
+# state must come back. Plain torchrun and --fsdp, 4 steps straight against stopped after 2 and resumed.
+DROPOUT = {"dropout-torchrun": [], "dropout-fsdp": ["--fsdp"]}
 # --quantize nf4 on a GPT-2 of width 128, stopped by Ctrl-C after step 2 and resumed to 4. Its MLP weights
 # (512 x 128 and 128 x 512: 1,024 blocks of 64, 4 groups of 256 block scales) split into two shards of whole
 # groups; its attention weights do not (384 x 128: 3 groups; 128 x 128: 1), so every rank keeps them whole.
@@ -84,6 +87,12 @@ def runs(tiny_model_dir, tmp_path_factory):
         cases += [{"argv": argv + ["--output-dir", str(root / f"{mode}-straight")]},
                   {"argv": argv + ["--output-dir", str(root / f"{mode}-stopped")], "ctrl_c_after_step": 2},
                   {"argv": ["--resume", str(root / f"{mode}-stopped")]}]
+    for name, flags in DROPOUT.items():
+        argv = ["--data", str(root / "rows.json"), "--batch-size", "2", "--grad-accum", "2", "--max-steps", "4",
+                "--save-every", "2", "--log-every", "1", "--device", "cpu"] + flags  # the built-in model
+        cases += [{"argv": argv + ["--output-dir", str(root / f"{name}-straight")]},
+                  {"argv": argv + ["--output-dir", str(root / f"{name}-stopped")], "ctrl_c_after_step": 2},
+                  {"argv": ["--resume", str(root / f"{name}-stopped")]}]
     nf4 = nf4_flags(root, tiny_model_dir) + ["--fsdp", "--batch-size", "4", "--output-dir", str(root / "nf4")]
     cases += [{"argv": nf4, "ctrl_c_after_step": 2}, {"argv": ["--resume", str(root / "nf4")]}]
     (root / "cases.json").write_text(json.dumps(cases))
@@ -97,7 +106,7 @@ def runs(tiny_model_dir, tmp_path_factory):
     assert result.returncode == 0, result.stderr
     assert list(workdir.iterdir()) == []  # nothing was written where the ranks were started
     # Rank 0's summaries only: one per finished run (a run stopped by Ctrl-C has none).
-    assert result.stdout.count("optimizer steps") == len(ALL_CASES) + 2 * len(RESUMED) + 1
+    assert result.stdout.count("optimizer steps") == len(ALL_CASES) + 2 * len(RESUMED) + 2 * len(DROPOUT) + 1
     (root / "stdout.txt").write_text(result.stdout)
     return root
 
@@ -253,6 +262,20 @@ def test_a_sharded_run_stopped_at_step_2_and_resumed_to_4_equals_4_straight(mode
     shards = sorted(path.name for path in (resumed / "sharded-step-4").iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert [path.name for path in resumed.glob("sharded-step-*")] == ["sharded-step-4"]
+
+
+@pytest.mark.parametrize("name", DROPOUT)
+def test_with_dropout_a_resumed_run_on_two_ranks_equals_a_straight_one(name, runs):
+    """Each rank's random state is in the checkpoint (rank 1's too, which never writes): the dropout
+    masks after the resume are the straight run's, so the biases and the metrics are too."""
+    straight, resumed = runs / f"{name}-straight", runs / f"{name}-stopped"
+    expected, got = saved_tensors(straight), saved_tensors(resumed)
+    for tensor_name, tensor in expected.items():
+        torch.testing.assert_close(got[tensor_name], tensor, rtol=0, atol=1e-7)
+    assert metric_lines(resumed) == metric_lines(straight)
+    state = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    assert len(state["rng_per_rank"]) == 2
+    assert not torch.equal(state["rng_per_rank"][0]["torch"], state["rng_per_rank"][1]["torch"])
 
 
 def test_only_rank_0_writes_the_run_folder(runs, tiny_model_dir, tmp_path):

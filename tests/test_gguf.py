@@ -6,7 +6,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import CHAT_TEMPLATE, cli
+from conftest import CHAT_TEMPLATE, cli, error_lines, folder_bytes
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import generate
@@ -170,3 +170,56 @@ def test_a_missing_fetched_model_says_how_to_fetch_it(tmp_path, capsys):
         status, _, err = cli(generate.main, ["--model", str(tmp_path / name), "--max-new-tokens", "1"], capsys)
         assert status == 2 and err.count("\n") == 1
         assert f"get it with: python -m bitfit.fetch smollm2-135m-instruct --dir {tmp_path}" in err, err
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("a download cut short", "is not the published file (sha256"),
+    ("--dir is a file", "is a file; name a folder"),
+    ("the user's folder where the converted model goes", "holds something fetch did not write"),
+])
+def test_fetch_replaces_nothing_of_the_users_and_says_what_to_do(case, expected, published, gguf_path, tmp_path,
+                                                                  capsys):
+    from bitfit import fetch
+
+    models = tmp_path / "models"
+    if case == "--dir is a file":
+        models.write_text("mine\n")
+    else:
+        models.mkdir()
+    if case == "a download cut short":
+        (models / "tiny-llama.F32.gguf").write_bytes(open(gguf_path, "rb").read()[:1000])
+    if case == "the user's folder where the converted model goes":
+        (models / "tiny-llama").mkdir()
+        (models / "tiny-llama" / "notes.txt").write_text("mine\n")
+    before = folder_bytes(tmp_path)
+    status, _, err = cli(fetch.main, ["tiny-llama", "--dir", str(models)], capsys)
+    assert status == 2 and err.count("\n") == 1 and expected in err, err
+    assert folder_bytes(tmp_path) == before and published[1] == []  # nothing downloaded, nothing changed
+    if case == "a download cut short":
+        assert "delete it and run this again" in err
+
+
+@pytest.mark.parametrize("cut", ["header", "tensors"])
+def test_a_truncated_gguf_file_is_one_line_in_every_command(cut, gguf_path, alpaca_file, tmp_path, capsys):
+    data = open(gguf_path, "rb").read()
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(data[:200] if cut == "header" else data[:len(data) - 1000])
+    delta = tmp_path / "bias.safetensors"
+    model, _ = load_model_and_tokenizer(gguf_path)
+    from bitfit.model.added_biases import add_biases
+    from bitfit.model.bias_terms import select_trainable
+    from bitfit.store.delta import save_bias_delta
+
+    add_biases(model, "all")
+    save_bias_delta(delta, model, select_trainable(model, "bitfit"), base_model=str(truncated))
+    commands = {"train": (train.main, ["--model", str(truncated), "--data", alpaca_file, "--output-dir",
+                                       str(tmp_path / "run")]),
+                "generate": (generate.main, ["--model", str(truncated), "--prompt", "Hi"]),
+                "export": (export.main, ["--bias", str(delta), "--out", str(tmp_path / "merged")]),
+                "export gguf": (export.main, ["--bias", str(delta), "--format", "gguf", "--out",
+                                              str(tmp_path / "tuned.gguf")])}
+    for name, (main, argv) in commands.items():
+        status, _, err = cli(main, argv, capsys)
+        (line,) = error_lines(err)  # one line besides transformers' progress bar, if it got that far
+        assert status == 2 and "truncated or corrupt" in line, (name, err)
+    assert not any((tmp_path / name).exists() for name in ("run", ".run.staging", "merged", "tuned.gguf"))

@@ -42,12 +42,12 @@ def normalize_rows(rows: list[dict], data_format: str, source: str) -> list[dict
         raise InputError(f"{source}: missing column(s) {', '.join(missing)} for --format {data_format}; found "
                          f"{', '.join(columns) or 'none'}")
     if data_format == "alpaca":
-        has_input = "input" in columns
-        return [{"instruction": _text(row["instruction"]), "input": _text(row["input"]) if has_input else "",
-                 "output": _text(row["output"])} for row in rows]
+        return [{"instruction": _text(row, "instruction", number, source),
+                 "input": _text(row, "input", number, source, optional=True),
+                 "output": _text(row, "output", number, source)} for number, row in enumerate(rows, 1)]
     if data_format == "prompt-completion":
-        return [{"instruction": _string(row, "prompt", number, source), "input": "",
-                 "output": _string(row, "completion", number, source)} for number, row in enumerate(rows, 1)]
+        return [{"instruction": _text(row, "prompt", number, source), "input": "",
+                 "output": _text(row, "completion", number, source)} for number, row in enumerate(rows, 1)]
     normalized = [{"messages": read_messages(row[COLUMNS[data_format][0]], data_format, f"{source}: row {number}")}
                   for number, row in enumerate(rows, 1)]
     if not any(has_answer(row) for row in normalized):
@@ -89,19 +89,24 @@ def has_answer(row: dict) -> bool:
     return "messages" not in row or any(message["role"] == "assistant" for message in row["messages"])
 
 
-def _text(value) -> str:
-    return "" if value is None else str(value)
-
-
-def _string(row: dict, column: str, number: int, source: str) -> str:
-    value = row[column]
-    if value is not None and not isinstance(value, str):
-        raise InputError(f"{source}: row {number}: {column} is {_describe(value)}, expected text (for "
-                         f"conversations use a messages column)")
-    return _text(value)
+def _text(row: dict, column: str, number: int, source: str, optional: bool = False) -> str:
+    """A single-turn row's field, which must be text: never str() of a number, a list or a dict (a
+    column-oriented JSON file, read as one row of lists, stops here too). An optional field may be
+    missing; a required one may be empty (an empty answer trains the eos alone), not missing."""
+    value = row.get(column)
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str):
+        hint = (" (for conversations use a messages column; a column-oriented file reads as one row of lists: "
+                "write a list of rows)" if isinstance(value, list) else "")
+        raise InputError(f"{source}: row {number}: {column} is {_describe(value)}, expected text{hint}")
+    return value
 
 
 def _describe(value) -> str:
+    """What a field holds, in a few words: missing, a str 'Hi', a int 5, a list, a dict."""
     if value is None:
         return "missing"
-    return f"a {type(value).__name__}" + (f" {value[:40]!r}" if isinstance(value, str) else "")
+    if isinstance(value, (list, dict)):
+        return f"a {type(value).__name__}"
+    return f"a {type(value).__name__} " + (repr(value[:40]) if isinstance(value, str) else repr(value)[:40])

@@ -64,6 +64,9 @@ def _read_rows(source: str, split: str, limit: int | None) -> list[dict]:
     path = Path(source)
     local = path.suffix.lower() in LOCAL_FORMATS or path.exists()
     file_format = _check_local_file(path) if local else None
+    if local and split != "train":  # recorded in train_config.json, it would name a split that was never read
+        raise InputError(f"--split {split}: {source} is a local file, which has no splits; --split chooses a split "
+                         f"of a hub dataset")
     try:
         with library_logs_silenced():
             if local:
@@ -83,6 +86,8 @@ def _read_rows(source: str, split: str, limit: int | None) -> list[dict]:
 
 
 def _check_local_file(path: Path) -> str:
+    if path.is_dir():
+        raise InputError(f"--data {path} is a folder; name a .json, .jsonl, .csv or .parquet file of rows")
     if not path.is_file():
         raise InputError(f"data file not found: {path}")
     file_format = LOCAL_FORMATS.get(path.suffix.lower())

@@ -10,6 +10,7 @@ bitfit (freezing, --add-biases, deltas, export) works on it unchanged.
 """
 
 import contextlib
+import struct
 from pathlib import Path
 
 import torch
@@ -97,6 +98,10 @@ def _gguf_errors(file: Path):
     try:
         with library_logs_silenced():
             yield
+    except (struct.error, IndexError) as error:  # the header ends before what it promises
+        raise InputError(f"could not load GGUF file {file}: it is truncated or corrupt ({error})") from None
     except (OSError, ValueError, KeyError, NotImplementedError) as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if "cannot reshape array" in first_line:  # a tensor's bytes end before its shape does
+            first_line = f"it is truncated or corrupt ({first_line})"
         raise InputError(f"could not load GGUF file {file}: {first_line}") from None

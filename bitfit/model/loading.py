@@ -16,6 +16,15 @@ TINY_GPT2_SEED = 0
 
 def load_model_and_tokenizer(name: str, dtype: torch.dtype = torch.float32):
     """Return (model, tokenizer) for a hub id, a local folder, a GGUF file, or DEFAULT_MODEL."""
+    model, tokenizer = _load(name, dtype)
+    # transformers warns once that a text longer than the model's limit "will result in indexing errors":
+    # bitfit cuts examples at --max-len (itself capped at that limit) and refuses over-long prompts in a line
+    # of its own, so the warning would only mislead. It is marked as already given.
+    tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+    return model, tokenizer
+
+
+def _load(name: str, dtype: torch.dtype):
     import transformers
 
     transformers.utils.logging.disable_progress_bar()

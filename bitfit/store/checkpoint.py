@@ -34,9 +34,9 @@ CHECKPOINT_KEYS = ("config", "trainable", "optimizer", "progress", "rng")
 SHARDED_CHECKPOINT_KEYS = ("config", "progress", "rng")  # --fsdp: the tensors are in the folder it names
 
 
-def save_training_state(output_dir, model, optimizer, config, progress: dict) -> None:
+def save_training_state(output_dir, model, optimizer, config, progress: dict, rng_per_rank: list[dict]) -> None:
     state = {
-        **run_state(config, progress),
+        **run_state(config, progress, rng_per_rank),
         "trainable": {name: param.detach().to("cpu", copy=True)
                       for name, param in trainable_parameters(model).items()},
         # The learning-rate schedule needs no state of its own: it is a function of the step.
@@ -46,20 +46,28 @@ def save_training_state(output_dir, model, optimizer, config, progress: dict) ->
     save_torch(state, Path(output_dir) / CHECKPOINT_FILE)
 
 
-def run_state(config, progress: dict) -> dict:
-    """All of a checkpoint but the tensors: the settings, where the run stands, the random state."""
+def run_state(config, progress: dict, rng_per_rank: list[dict]) -> dict:
+    """All of a checkpoint but the tensors: the settings, where the run stands, the random state of
+    every rank (under torchrun each rank draws its own dropout masks; rng is rank 0's, as checkpoints
+    from before rng_per_rank hold it)."""
     return {
         "format": CHECKPOINT_FORMAT,
         "config": config.to_dict(),
         "progress": dict(progress),
-        # Dropout draws from torch's generators; the data order has its own seeded one, and
-        # bitfit draws no numpy random numbers.
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "rng": rng_per_rank[0],
+        "rng_per_rank": rng_per_rank,
     }
 
 
-def save_sharded_training_state(output_dir, model, optimizer, config, progress: dict, *, device, world) -> None:
+def rng_state() -> dict:
+    """This process's random state. Dropout draws from torch's generators; the data order has its own
+    seeded one, and bitfit draws no numpy random numbers."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def save_sharded_training_state(output_dir, model, optimizer, config, progress: dict, rng_per_rank: list[dict], *,
+                                device, world) -> None:
     """--fsdp, on every rank: the trained tensors and AdamW's moments, each rank its shards, into a
     folder named by the step; then rank 0 writes checkpoint.pt naming it, and removes older ones.
     A crash before checkpoint.pt is replaced leaves it naming the previous, complete folder."""
@@ -73,7 +81,7 @@ def save_sharded_training_state(output_dir, model, optimizer, config, progress: 
     folder = output_dir / SHARDED_CHECKPOINT.format(step=progress["step"])
     dcp.save(sharded_state(model, optimizer), checkpoint_id=folder)
     if world.is_main:
-        save_torch({**run_state(config, progress), "sharded": folder.name}, output_dir / CHECKPOINT_FILE)
+        save_torch({**run_state(config, progress, rng_per_rank), "sharded": folder.name}, output_dir / CHECKPOINT_FILE)
         for old in output_dir.glob(SHARDED_CHECKPOINT.format(step="*")):
             if old != folder:
                 shutil.rmtree(old)
@@ -127,7 +135,8 @@ def refuse_changed_inputs(progress: dict, fingerprints: dict, run_dir: str) -> N
     """
     recorded = progress.get("fingerprints") or {}
     changed = {"data": ("the training data (its rows differ)", "--data"),
-               "base": ("the base model (its weights differ)", "--model")}
+               "base": ("the base model (its weights differ)", "--model"),
+               "chat_template": ("the base's chat template (its text differs)", "--model and chat template")}
     for what, actual in fingerprints.items():
         if recorded.get(what) not in (None, actual):
             description, flag = changed[what]
@@ -135,7 +144,7 @@ def refuse_changed_inputs(progress: dict, fingerprints: dict, run_dir: str) -> N
                              f"{recorded[what]}, now {actual}); resume with the same {flag}, or start a new run")
 
 
-def restore_training_state(state: dict, model, optimizer) -> dict:
+def restore_training_state(state: dict, model, optimizer, rank: int = 0) -> dict:
     """Load the tensors, optimizer and RNG state into a freshly set-up run; return its progress."""
     params = dict(model.named_parameters())
     try:
@@ -146,13 +155,17 @@ def restore_training_state(state: dict, model, optimizer) -> dict:
                 for name, tensor in state["trainable"].items():
                     params[name].copy_(tensor)
             optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
+        # Each rank its own random state, where the checkpoint holds every rank's (a resumed run on another
+        # number of ranks, or a checkpoint from before they were kept, takes rank 0's).
+        per_rank = state.get("rng_per_rank") or [state["rng"]]
+        rng = per_rank[rank] if rank < len(per_rank) else state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
     except (KeyError, ValueError, TypeError, RuntimeError) as error:  # a damaged or forged checkpoint
         first_line = (str(error).strip().splitlines() or [""])[0]
         raise InputError(f"the checkpoint does not fit this run ({type(error).__name__}: {first_line})") from None
-    if state["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     progress = dict(state["progress"])
     if "padded_tokens" in progress:  # the name of tokens_with_padding in checkpoints written before it
         progress["tokens_with_padding"] = progress.pop("padded_tokens")
@@ -181,11 +194,12 @@ def save_checkpoint_if_due(model, optimizer, config, progress: dict, *, total_st
     last_step = step == total_steps
     stop = world.any(ctrl_c.pressed, device)  # every rank stops at the same step
     save = stop or (config.save_every and (step % config.save_every == 0 or last_step))
+    rng_per_rank = world.gather(rng_state()) if save else None  # every rank takes part
     if save and config.fsdp:  # each rank holds shards of the state: all of them save
         save_sharded_training_state(checkpoint_dir or config.output_dir, model, optimizer, config, progress,
-                                    device=device, world=world)
-    elif save and world.is_main:  # the ranks hold the same state: one copy is enough
-        save_training_state(checkpoint_dir or config.output_dir, model, optimizer, config, progress)
+                                    rng_per_rank, device=device, world=world)
+    elif save and world.is_main:  # the ranks hold the same tensors: one copy is enough
+        save_training_state(checkpoint_dir or config.output_dir, model, optimizer, config, progress, rng_per_rank)
     if stop and not last_step:
         raise Interrupted(f"checkpoint saved at optimizer step {step} of {total_steps} in "
                           f"{config.output_dir}; continue with: python train.py --resume "

@@ -27,6 +27,7 @@ from bitfit.store.files import atomic_write, first_non_finite, refuse_non_finite
 BIAS_FILE = "bias.safetensors"
 # /2 added the tensor listing and the base fingerprint; /1 files still load, unchecked by fingerprint.
 DELTA_FORMAT = "bitfit-bias-delta/2"
+DELTA_FORMATS = ("bitfit-bias-delta/1", DELTA_FORMAT)  # the ones this bitfit reads
 
 
 def save_bias_delta(path: Path, model: torch.nn.Module, names: list[str], base_model: str,
@@ -83,6 +84,9 @@ def find_bias_file(path: str) -> Path:
     """Accept a run folder (holding bias.safetensors) or the file itself."""
     candidate = Path(path)
     if candidate.is_dir():
+        if not (candidate / BIAS_FILE).is_file() and (candidate / "checkpoint.pt").is_file():
+            raise InputError(f"{candidate} holds a run that did not finish (a checkpoint, no {BIAS_FILE} yet); finish "
+                             f"it with: python train.py --resume {candidate}")
         candidate = candidate / BIAS_FILE
     if not candidate.is_file():
         raise InputError(f"bias delta not found: {candidate}")
@@ -100,11 +104,38 @@ def load_bias_delta(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]
         # A truncated file fails here too: its header promises more bytes than the file holds.
         raise InputError(f"{file}: not a readable safetensors file, or a truncated one ({error})") from None
     try:
+        check_delta_format(metadata, tensors)
         delta_added_biases(metadata)
         delta_template(metadata)
     except InputError as error:
         raise InputError(f"{file}: {error}") from None
     return tensors, metadata
+
+
+def check_delta_format(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
+    """A format this bitfit reads, and (from /2 on) every tensor its listing names, each of its shape: a
+    delta with one missing is incomplete, which a base fingerprint would misreport as another base."""
+    version = metadata.get("format")
+    if version is not None and version not in DELTA_FORMATS:
+        raise InputError(f"its format is {version[:40]!r}, and this bitfit reads {', '.join(DELTA_FORMATS)} (written "
+                         f"by a newer bitfit?)")
+    if "tensors" not in metadata:
+        return
+    try:
+        listing = json.loads(metadata["tensors"])
+        shapes = {name: list(entry["shape"]) for name, entry in listing.items()}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise InputError(f"its tensors metadata is not a listing of names and shapes: {metadata['tensors'][:60]!r}"
+                         ) from None
+    missing = sorted(set(shapes) - set(tensors))
+    if missing:
+        raise InputError(f"the delta is incomplete: it lists {len(shapes)} tensors and holds {len(tensors)} (missing "
+                         f"{', '.join(missing[:3])}{', ...' * (len(missing) > 3)})")
+    unlisted = sorted(set(tensors) - set(shapes))
+    changed = [name for name in shapes if list(tensors[name].shape) != shapes[name]]
+    if unlisted or changed:
+        raise InputError(f"the delta does not match its own listing ({', '.join((unlisted + changed)[:3])}): it "
+                         f"was altered after it was written")
 
 
 def recorded_base(metadatas: list[dict[str, str]]) -> str | None:

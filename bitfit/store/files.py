@@ -89,10 +89,33 @@ def save_json(path: Path, data) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
 
 
-def save_model_folder(folder: Path, model, tokenizer, state_dict: dict | None = None) -> None:
+# An export's folder records what it wrote, so that a later --overwrite replaces an earlier export and
+# nothing else: never a run, a delta, or a user's file that happens to sit in the folder named.
+EXPORT_RECORD = "bitfit-export.json"
+
+
+def record_export(folder: Path, what: dict) -> None:
+    """Write EXPORT_RECORD into a folder an export just filled: what it is, and every file in it."""
+    files = sorted(entry.name for entry in Path(folder).iterdir())
+    (Path(folder) / EXPORT_RECORD).write_text(json.dumps({**what, "files": files}, indent=2) + "\n")
+
+
+def not_exported(folder: Path) -> list[str]:
+    """The entries of folder that no export wrote: all of them, unless its EXPORT_RECORD lists them."""
+    entries = sorted(entry.name for entry in Path(folder).iterdir())
+    try:
+        listed = set(json.loads((Path(folder) / EXPORT_RECORD).read_text())["files"]) | {EXPORT_RECORD}
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = set()
+    return [name for name in entries if name not in listed]
+
+
+def save_model_folder(folder: Path, model, tokenizer, state_dict: dict | None = None, record: dict | None = None
+                      ) -> None:
     """Write a Hugging Face model folder, replacing any old one only once the new one is whole.
 
-    state_dict, when given, holds the weights to write (under --fsdp, gathered from the shards)."""
+    state_dict, when given, holds the weights to write (under --fsdp, gathered from the shards); record,
+    what an export records of itself (EXPORT_RECORD)."""
     refuse_non_finite(dict(model.named_parameters()) if state_dict is None else state_dict, "the trained model")
 
     def write(staging: Path) -> None:
@@ -101,6 +124,8 @@ def save_model_folder(folder: Path, model, tokenizer, state_dict: dict | None = 
         except SafetensorError as error:  # safetensors names a full disk only in its message
             raise _os_error(error, staging) from None
         tokenizer.save_pretrained(staging)
+        if record is not None:
+            record_export(staging, record)
 
     replace_folder(folder, write)
 

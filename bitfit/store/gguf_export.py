@@ -11,6 +11,8 @@ The `gguf` package (llama.cpp's own) reads and writes the file and maps Hugging 
 llama.cpp's.
 """
 
+import json
+
 import numpy as np
 import torch
 
@@ -22,6 +24,8 @@ from bitfit.store.files import atomic_write
 LLAMA_CPP_BIASES = {"llama": ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
 # The --bias-terms that train only biases llama.cpp loads, by architecture.
 BIAS_TERMS_THAT_EXPORT = {"llama": "query,key,value,attn-out,mlp-in,mlp-out"}
+# The metadata key an export adds, so that a later --overwrite replaces an earlier export's file and no other.
+EXPORT_KEY = "bitfit.export"
 # The projections whose rows llama.cpp stores in its own order (see permute_rows), and the config field that
 # gives the number of heads they are permuted by.
 PERMUTED = {"attn_q": "num_attention_heads", "attn_k": "num_key_value_heads"}
@@ -32,7 +36,7 @@ def gguf_bias_names(base_file, names: list[str]) -> dict[str, str]:
     load (or an architecture bitfit has not mapped) is refused in one line, before anything is written."""
     import gguf
 
-    reader = gguf.GGUFReader(base_file)
+    reader = read_gguf(base_file)
     arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
     if arch not in LLAMA_CPP_BIASES:
         raise InputError(f"--format gguf: bitfit maps biases only to llama.cpp's {', '.join(LLAMA_CPP_BIASES)} "
@@ -55,6 +59,16 @@ def gguf_bias_names(base_file, names: list[str]) -> dict[str, str]:
     return mapped
 
 
+def read_gguf(path):
+    """gguf's reader of path; a file it cannot read (truncated, not GGUF) is one line."""
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as error:  # struct.error, ValueError: the reader's words for a damaged file vary
+        raise InputError(f"could not read GGUF file {path}: it is truncated or corrupt ({error})") from None
+
+
 def permute_rows(bias: torch.Tensor, heads: int) -> torch.Tensor:
     """A query or key bias in llama.cpp's row order.
 
@@ -67,9 +81,11 @@ def permute_rows(bias: torch.Tensor, heads: int) -> torch.Tensor:
     return bias.reshape(heads, 2, bias.numel() // heads // 2).transpose(1, 2).reshape(bias.shape)
 
 
-def write_gguf_with_biases(base_file, out, biases: dict[str, torch.Tensor], config) -> None:
+def write_gguf_with_biases(base_file, out, biases: dict[str, torch.Tensor], config, record: dict | None = None
+                           ) -> None:
     """Write out: base_file's metadata and tensors as they are, with the trained biases (name in the model ->
-    values) added as F32 tensors, or in place of the base's; config gives the heads of the query and key."""
+    values) added as F32 tensors, or in place of the base's; config gives the heads of the query and key.
+    record, what the export records of itself, goes in one more metadata key (EXPORT_KEY)."""
     import gguf
 
     names = gguf_bias_names(base_file, list(biases))
@@ -80,7 +96,7 @@ def write_gguf_with_biases(base_file, out, biases: dict[str, torch.Tensor], conf
         if kind in PERMUTED:
             values = permute_rows(values, getattr(config, PERMUTED[kind]))
         arrays[names[name]] = np.ascontiguousarray(values.numpy(), dtype=np.float32)
-    reader = gguf.GGUFReader(base_file)
+    reader = read_gguf(base_file)
 
     def write(temporary) -> None:
         writer = gguf.GGUFWriter(temporary, reader.get_field(gguf.Keys.General.ARCHITECTURE).contents(),
@@ -92,6 +108,8 @@ def write_gguf_with_biases(base_file, out, biases: dict[str, torch.Tensor], conf
             kind = field.types[0]
             writer.add_key_value(field.name, field.contents(), kind,
                                  sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+        if record is not None:
+            writer.add_string(EXPORT_KEY, json.dumps(record))
         tensors = [(tensor.name, arrays.pop(tensor.name, None), tensor) for tensor in reader.tensors]
         tensors += [(name, array, None) for name, array in arrays.items()]  # biases the base does not have
         for name, array, tensor in tensors:
@@ -108,3 +126,13 @@ def write_gguf_with_biases(base_file, out, biases: dict[str, torch.Tensor], conf
         writer.close()
 
     atomic_write(out, write)
+
+
+def written_by_export(path) -> bool:
+    """Whether path is a GGUF file that an export wrote (it holds EXPORT_KEY)."""
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path).get_field(EXPORT_KEY) is not None
+    except Exception:  # not a GGUF file at all, or a damaged one: not ours to replace
+        return False

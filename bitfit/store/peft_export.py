@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from bitfit.errors import InputError
-from bitfit.store.files import atomic_write, replace_folder
+from bitfit.store.files import atomic_write, record_export, replace_folder
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # The groups whose biases sit on nn.Linear layers wherever a model has them (norms never do).
@@ -52,7 +52,7 @@ def linear_layers(model, names: list[str]) -> dict[str, str]:
 
 
 def write_peft_adapter(model, tensors: dict[str, torch.Tensor], metadata: dict[str, str], out: Path,
-                       base_model: str) -> None:
+                       base_model: str, record: dict) -> None:
     """Write the delta (checked against model, its base) as a BEFT adapter folder at out, whole or not at all."""
     BeftConfig, get_peft_model = import_peft()
     layers = linear_layers(model, list(tensors))
@@ -72,6 +72,7 @@ def write_peft_adapter(model, tensors: dict[str, torch.Tensor], metadata: dict[s
     def write(staging: Path) -> None:
         adapted.save_pretrained(staging)
         keep_metadata(staging / ADAPTER_WEIGHTS, metadata)
+        record_export(staging, record)
 
     replace_folder(out, write)
 

@@ -86,6 +86,8 @@ class RunFolder:
         if self.retired.exists():
             if self.path.exists():  # the swap finished; only the earlier run's removal did not
                 remove_tree(self.retired, self.log)
+                self.log(f"removed {self.retired}, the earlier run that a run into {self.path} replaced and was "
+                         f"stopped before removing")
             else:
                 os.replace(self.retired, self.path)
                 self.log(f"restored {self.path}: a run was stopped while replacing it")
@@ -212,6 +214,9 @@ def check_output_path(path: Path, flag: str, file: bool = False) -> None:
 def take_lock(lock_path: Path, folder: Path):
     """Hold an exclusive flock on lock_path, or stop at once naming the run that holds it."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
+    if lock_path.is_dir() or lock_path.is_symlink():
+        raise InputError(f"{lock_path}, where runs into {folder} take their lock, is a "
+                         f"{'folder' if lock_path.is_dir() else 'symbolic link'}; remove it")
     handle = open(lock_path, "a+")  # "a+": never empties the holder's note before the lock is ours
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -228,10 +233,26 @@ def take_lock(lock_path: Path, folder: Path):
     return handle
 
 
+def lock_holder(lock_path: Path) -> str | None:
+    """Who holds the lock on lock_path (the note the holder wrote), or None where nobody does."""
+    if not lock_path.is_file():
+        return None
+    with open(lock_path) as handle:  # read-only: asking changes nothing (flock needs no write access)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "another process"
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
+
+
 def find_checkpoint(run_dir: str) -> Path:
     """The checkpoint --resume continues from: a stopped run's in the staging folder, which is the
     later one where both exist, else the run folder's own."""
     path = run_folder_path(run_dir)
+    holder = lock_holder(sibling(path, "lock"))
+    if holder is not None:
+        raise InputError(f"--resume {run_dir}: another run ({holder}) is writing to it; wait for it to finish")
     for candidate in (sibling(path, "staging") / CHECKPOINT_FILE, path / CHECKPOINT_FILE):
         if candidate.is_file():
             return candidate

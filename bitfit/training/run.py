@@ -125,6 +125,10 @@ def read_inputs(config: TrainConfig, resume_state: dict | None, log) -> tuple[Tr
     if resume_state is not None:
         refuse_changed_inputs(resume_state["progress"], fingerprints, config.output_dir)
     config = dataclasses.replace(config, format=data_format, template=choose_template(config.template, tokenizer))
+    if config.template == "chat":  # the prompts' tokens depend on its text: a resumed run keeps it
+        fingerprints["chat_template"] = chat_template_hash(tokenizer)
+        if resume_state is not None:
+            refuse_changed_inputs(resume_state["progress"], fingerprints, config.output_dir)
     examples, _ = tokenize_rows(train_rows, tokenizer, config.max_len, config.template)
     eval_examples, _ = tokenize_rows(eval_rows, tokenizer, config.max_len, config.template)
     if not examples:
@@ -145,7 +149,7 @@ def describe_dropped(rows: int, dropped: dict) -> str:
 
 def resume_progress(resume_state: dict, inputs: Inputs, setup, config: TrainConfig, log) -> dict:
     """Load a training checkpoint into the set-up model and optimizer; where the run stands."""
-    progress = {**restore_training_state(resume_state, inputs.model, setup.optimizer),
+    progress = {**restore_training_state(resume_state, inputs.model, setup.optimizer, setup.world.rank),
                 "fingerprints": inputs.fingerprints}
     total_steps = count_optimizer_steps(len(inputs.examples), config, setup.world.world_size)
     if progress["step"] >= total_steps:
