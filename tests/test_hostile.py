@@ -324,3 +324,10 @@ def test_a_negative_number_for_a_list_flag_says_what_the_flag_takes(capsys):
     assert status == 2
     assert "--batch-sizes takes BATCH_SIZES: micro-batch sizes, comma list" in err
 
+
+
+def test_data_naming_a_device_and_resume_naming_a_file_say_so(tiny_model_dir, alpaca_file, tmp_path, capsys):
+    status, _, err = cli(train.main, train_argv(tiny_model_dir, "/dev/null", tmp_path / "run"), capsys)
+    one_line(status, err, "--data /dev/null is not a regular file")
+    status, _, err = cli(train.main, ["--resume", alpaca_file], capsys)
+    one_line(status, err, f"--resume {alpaca_file} is a file; name the run folder")

@@ -88,6 +88,8 @@ def _read_rows(source: str, split: str, limit: int | None) -> list[dict]:
 def _check_local_file(path: Path) -> str:
     if path.is_dir():
         raise InputError(f"--data {path} is a folder; name a .json, .jsonl, .csv or .parquet file of rows")
+    if path.exists() and not path.is_file():
+        raise InputError(f"--data {path} is not a regular file (a device or a pipe); name a file of rows")
     if not path.is_file():
         raise InputError(f"data file not found: {path}")
     file_format = LOCAL_FORMATS.get(path.suffix.lower())

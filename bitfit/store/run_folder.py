@@ -256,6 +256,8 @@ def find_checkpoint(run_dir: str) -> Path:
     for candidate in (sibling(path, "staging") / CHECKPOINT_FILE, path / CHECKPOINT_FILE):
         if candidate.is_file():
             return candidate
+    if path.exists() and not path.is_dir():
+        raise InputError(f"--resume {run_dir} is a file; name the run folder")
     if not path.is_dir():
         raise InputError(f"--resume {run_dir}: no such run folder")
     raise InputError(f"--resume {run_dir}: no {CHECKPOINT_FILE} in it; a run writes one with "
