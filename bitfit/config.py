@@ -55,6 +55,10 @@ class TrainConfig:
     template: str | None = None  # human-assistant or chat; None: chat where the tokenizer has a chat template
     batch_size: int = 1  # examples per micro-batch
     grad_accum: int = 8  # micro-batches per optimizer step
+    # How the window (batch_size x grad_accum examples) is executed: micro-batches of this many examples,
+    # sorted by length within the window; "auto" picks one for speed (bitfit.training.micro_batch); None:
+    # the batch_size micro-batches as they are. The update is the same either way: the math is the window.
+    micro_batch: int | str | None = None
     epochs: int = 1
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
     lr: float | None = None  # peak learning rate; None picks DEFAULT_LR[mode]
@@ -95,6 +99,9 @@ class TrainConfig:
                             ("--save-every", self.save_every)]:
             if value is not None:
                 _check_positive(flag, value)
+        if self.micro_batch is not None and self.micro_batch != "auto" and not (
+                isinstance(self.micro_batch, int) and not isinstance(self.micro_batch, bool) and self.micro_batch > 0):
+            raise InputError(f"--micro-batch must be a positive whole number or auto, got {self.micro_batch!r}")
         if self.eval_size is not None and self.eval_size > 1 and self.eval_size != int(self.eval_size):
             raise InputError(f"--eval-size must be a row count or a fraction below 1, got {self.eval_size}")
         if self.eval_every is not None and self.eval_size is None:
@@ -133,6 +140,9 @@ class TrainConfig:
         if self.fsdp and self.dtype == "fp16":
             raise InputError("--fsdp with --dtype fp16 is not supported (fp16's loss scaling would have to agree "
                              "across the shards); use --dtype bf16")
+        if self.fsdp and self.micro_batch == "auto":
+            raise InputError("--fsdp with --micro-batch auto is not supported (probing would run the shards' "
+                             "collectives out of step); give --micro-batch a number")
         if self.fsdp and self.compile:
             raise InputError("--fsdp with --compile is not supported; leave one out")
         if self.output_dir is None:

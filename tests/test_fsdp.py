@@ -54,6 +54,9 @@ CASES = {
     # Two slices of GPT-2's fused q,k,v bias, one in each rank's shard; the untouched one spans both.
     "slices": ["--bias-terms", "query,value"],
     "llama": ["--add-biases"],  # the model is the tiny LLaMA: no biases of its own, an untied head
+    # Each rank's 8 examples of a window re-cut into micro-batches of 3 (3, 3 and 2; a short last window
+    # leaves one rank fewer, and idle micro-batches make up the count every rank must run).
+    "micro": ["--micro-batch", "3"],
 }
 # bf16 through FSDP's MixedPrecisionPolicy: the same as one process to bf16's rounding, not exactly (one
 # micro-batch of 8 rounds differently from two of 4; full mode computes with bf16 copies of its norms too).

@@ -184,10 +184,12 @@ def test_a_lock_path_that_is_a_folder_is_one_line(tiny_model_dir, alpaca_file, t
     one_line(status, err, ".run.lock, where runs into")
 
 
-def test_resume_while_another_run_writes_names_it(earlier_run, capsys):
-    lock = take_lock(earlier_run.with_name(f".{earlier_run.name}.lock"), earlier_run)
+@pytest.mark.parametrize("folder", ["a new run, before its first checkpoint", "a finished run"])
+def test_resume_while_another_run_writes_names_it(folder, earlier_run, tmp_path, capsys):
+    run = tmp_path / "new" if folder.startswith("a new") else earlier_run
+    lock = take_lock(run.with_name(f".{run.name}.lock"), run)  # held, as by a run writing into it
     try:
-        status, _, err = cli(train.main, ["--resume", str(earlier_run), "--max-steps", "4"], capsys)
+        status, _, err = cli(train.main, ["--resume", str(run), "--max-steps", "4"], capsys)
     finally:
         lock.close()
     one_line(status, err, f"another run (pid {os.getpid()}")

@@ -39,6 +39,21 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def split_window(micro_batches: list[list[int]], lengths: dict[int, int], size: int | None) -> list[list[int]]:
+    """Cut a window's examples (their indices, in micro-batches) into micro-batches of size, after sorting
+    them by length (lengths: index -> tokens), so that a micro-batch holds examples of similar length and
+    pads little. size None: the micro-batches as they are.
+
+    The loss is summed over the window's label tokens and divided by their count, so how the window is cut
+    changes no update (to float rounding): the window is the math, the micro-batch is the machine's. Unlike
+    --group-by-length, which reorders examples across windows, this never moves an example to another step.
+    """
+    if size is None:
+        return micro_batches
+    ordered = sorted((index for batch in micro_batches for index in batch), key=lambda index: lengths[index])
+    return [ordered[start:start + size] for start in range(0, len(ordered), size)]
+
+
 def optimizer_windows(num_examples: int, batch_size: int, grad_accum: int, seed: int, epoch: int,
                       lengths: list[int] | None = None) -> list[list[list[int]]]:
     """One epoch's order: a list of accumulation windows, each a list of micro-batches of indices.

@@ -13,7 +13,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from bitfit.core.examples import collate, optimizer_windows
+from bitfit.core.examples import collate, optimizer_windows, split_window
 from bitfit.core.loss import causal_lm_loss_sum, label_token_count, perplexity
 from bitfit.core.step import NO_LOSS_SCALING, autocast, train_step
 from bitfit.core.world import SINGLE
@@ -52,6 +52,9 @@ def train_loop(model, optimizer, examples, config, *, pad_id, device, metrics_lo
     if progress.get("grad_scaler"):
         scaler.load_state_dict(progress["grad_scaler"])
     model.train()
+    micro_batch = config.micro_batch  # an int, or None: "auto" is resolved before the loop
+    if micro_batch == "auto":
+        raise ValueError("micro_batch 'auto' must be resolved to a size before train_loop (bitfit.training)")
     lengths = [len(example["input_ids"]) for example in examples] if config.group_by_length else None
     windows = iter_windows(len(examples), config, progress["epoch"], progress["position"], lengths,
                            world.world_size)
@@ -65,10 +68,13 @@ def train_loop(model, optimizer, examples, config, *, pad_id, device, metrics_lo
                 group["lr"] = lr
 
             # Collate the whole window first: the loss normaliser is its number of label tokens.
-            # Under torchrun each rank collates only its own slice of the window.
-            batches = [collate([examples[i] for i in ids], pad_id) for ids in world.shard(window, config.batch_size)]
+            # Under torchrun each rank collates only its own slice of the window; --micro-batch re-cuts it.
+            mine = world.shard(window, config.batch_size)
+            read = {i: examples[i] for ids in mine for i in ids}
+            cut = split_window(mine, {i: len(example["input_ids"]) for i, example in read.items()}, micro_batch)
+            batches = [collate([read[i] for i in ids], pad_id) for ids in cut]
             label_tokens, samples, tokens, tokens_with_padding = window_counts(batches, device, world)
-            batches = world.fill_window(batches, len(window), pad_id)
+            batches = world.fill_window(batches, micro_batches_per_window(config, len(window)), pad_id)
             try:
                 window_loss_sum, grad_norm = train_step(model, optimizer, batches, label_tokens,
                                                         max_grad_norm=config.max_grad_norm, device=device,
@@ -137,6 +143,13 @@ def window_counts(batches: list[dict], device, world) -> tuple[int, int, int, in
     if world.world_size > 1:
         counts = world.sum(torch.tensor(counts, device=device)).tolist()
     return tuple(counts)
+
+
+def micro_batches_per_window(config, global_micro_batches: int) -> int:
+    """The most micro-batches any rank runs in a window: --fsdp makes every rank run that many."""
+    if config.micro_batch is None:
+        return global_micro_batches
+    return math.ceil(config.batch_size * global_micro_batches / config.micro_batch)
 
 
 def count_optimizer_steps(num_examples: int, config, world_size: int = 1) -> int:

@@ -250,12 +250,15 @@ def find_checkpoint(run_dir: str) -> Path:
     """The checkpoint --resume continues from: a stopped run's in the staging folder, which is the
     later one where both exist, else the run folder's own."""
     path = run_folder_path(run_dir)
-    holder = lock_holder(sibling(path, "lock"))
-    if holder is not None:
-        raise InputError(f"--resume {run_dir}: another run ({holder}) is writing to it; wait for it to finish")
     for candidate in (sibling(path, "staging") / CHECKPOINT_FILE, path / CHECKPOINT_FILE):
         if candidate.is_file():
             return candidate
+    # No checkpoint to be found: a run that is writing into R right now may be why (it has not written its
+    # first one yet). Asked only here: under torchrun the other ranks read the checkpoint while rank 0,
+    # already in the run, holds the lock.
+    holder = lock_holder(sibling(path, "lock"))
+    if holder is not None:
+        raise InputError(f"--resume {run_dir}: another run ({holder}) is writing to it; wait for it to finish")
     if path.exists() and not path.is_dir():
         raise InputError(f"--resume {run_dir} is a file; name the run folder")
     if not path.is_dir():

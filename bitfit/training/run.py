@@ -31,6 +31,7 @@ from bitfit.store.files import save_json, save_model_folder
 from bitfit.store.metrics import (MetricsLog, format_summary, import_summary_writer, parameter_bytes, peak_memory_bytes,
                                   reset_peak_memory)
 from bitfit.store.run_folder import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, TENSORBOARD_DIR, RunFolder
+from bitfit.training.micro_batch import choose_micro_batch
 from bitfit.training.setup import setup_model
 from bitfit.training.summary import build_summary
 
@@ -81,6 +82,10 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=
                                 chat_template_hash=template_hash(inputs.tokenizer, config))))
         setup = setup_model(inputs.model, config, device, world, log,
                             on_whole_model=record_base if config.mode == "bitfit" else None)
+        if config.micro_batch == "auto":  # measured now, recorded in train_config.json, kept by --resume
+            config = dataclasses.replace(config, micro_batch=choose_micro_batch(
+                inputs.model, inputs.examples, config, pad_id=pad_token_id(inputs.tokenizer), device=device,
+                loss_fn=setup.loss_fn, world=setup.world, log=log))
         progress = {**new_progress(), "fingerprints": inputs.fingerprints}
         if resuming:
             progress = resume_progress(resume_state, inputs, setup, config, log)
