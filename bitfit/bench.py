@@ -151,6 +151,9 @@ def build_parser() -> ArgumentParser:
         help=f"comma list of {', '.join(DTYPES)} (default: fp32,bf16; on a CPU, half precision only "
              f"where its matmuls are faster than fp32's)")
     add("--batch-sizes", type=csv_of(int), help="micro-batch sizes, comma list (default: 1,4,8; CPU: 1,8)")
+    add("--micro-batches", type=csv_of(str, None, micro=True),
+        help="run each batch size x grad accum window as micro-batches of these sizes instead, comma list of "
+             "whole numbers and auto (train.py --micro-batch), e.g. --batch-sizes 1 --micro-batches 1,2,8,auto")
     add("--rows", type=int, help="rows trained on in the timed part of each run (default: 256; CPU: 64)")
     add("--warmup-steps", type=int, help="untimed optimizer steps first (default: 3; CPU: 1)")
     add("--grad-accum", type=int, default=8, help="micro-batches per optimizer step (default: 8)")
@@ -167,16 +170,18 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def csv_of(kind, choices=None):
-    """An argparse type for a comma list: of the given choices, or of positive integers."""
-    expected = f"of {', '.join(choices)}" if choices else "of positive integers"
+def csv_of(kind, choices=None, micro=False):
+    """An argparse type for a comma list: of the given choices, of positive integers, or (micro) of
+    positive integers and auto."""
+    expected = f"of {', '.join(choices)}" if choices else "of positive integers" + (" and auto" if micro else "")
 
     def parse(text: str) -> list:
         try:
-            values = [kind(item) for item in text.split(",") if item.strip()]
+            values = [item if micro and item == "auto" else int(item) if micro else kind(item)
+                      for item in text.split(",") if item.strip()]
         except ValueError:
             values = []
-        if not values or any((v not in choices) if choices else v <= 0 for v in values):
+        if not values or any((v not in choices) if choices else v != "auto" and v <= 0 for v in values):
             raise argparse.ArgumentTypeError(f"expected a comma list {expected}, got {text!r}")
         return values
     return parse
@@ -196,25 +201,28 @@ def check_args(args) -> None:
     positions = arch_positions(args.arch)
     if positions is not None and args.max_len > positions:
         raise InputError(f"--max-len {args.max_len} is longer than {args.arch}'s {positions} positions")
-    for dtype, batch_size, mode, quantize in list_runs(args):  # TrainConfig checks the rest
-        train_config(args, mode, dtype, batch_size, quantize)
+    for dtype, batch_size, mode, quantize, micro in list_runs(args):  # TrainConfig checks the rest
+        train_config(args, mode, dtype, batch_size, quantize, micro)
 
 
 def list_runs(args) -> list[tuple]:
-    """(dtype, micro-batch, mode, quantize) of each run: --quantize adds a BitFit run on the 4-bit
-    base after each BitFit run (full fine-tuning cannot train quantized weights)."""
+    """(dtype, batch size, mode, quantize, micro-batch) of each run: --quantize adds a BitFit run on the
+    4-bit base after each BitFit run (full fine-tuning cannot train quantized weights); --micro-batches
+    runs each window once per micro-batch size."""
     runs = []
     for dtype in args.dtypes:
         for batch_size in args.batch_sizes:
-            for mode in args.modes:
-                runs.append((dtype, batch_size, mode, None))
-                if mode == "bitfit" and args.quantize:
-                    runs.append((dtype, batch_size, mode, args.quantize))
+            for micro in args.micro_batches or [None]:
+                for mode in args.modes:
+                    runs.append((dtype, batch_size, mode, None, micro))
+                    if mode == "bitfit" and args.quantize:
+                        runs.append((dtype, batch_size, mode, args.quantize, micro))
     return runs
 
 
-def train_config(args, mode: str, dtype: str, batch_size: int, quantize: str | None = None) -> TrainConfig:
-    return TrainConfig(mode=mode, dtype=dtype, batch_size=batch_size, grad_accum=args.grad_accum,
+def train_config(args, mode: str, dtype: str, batch_size: int, quantize: str | None = None, micro=None
+                 ) -> TrainConfig:
+    return TrainConfig(mode=mode, dtype=dtype, batch_size=batch_size, grad_accum=args.grad_accum, micro_batch=micro,
                        max_len=args.max_len, seed=args.seed, device=args.device,
                        group_by_length=args.group_by_length, grad_checkpointing=args.grad_checkpointing,
                        compile=args.compile, quantize=quantize,
@@ -296,11 +304,12 @@ def run_benchmark(args) -> list[dict]:
     runs = list_runs(args)
     results = []
     start = time.perf_counter()
-    for number, (dtype, batch_size, mode, quantize) in enumerate(runs, 1):
+    for number, (dtype, batch_size, mode, quantize, micro) in enumerate(runs, 1):
         label = f"{mode} {quantize}" if quantize else mode
-        print(f"[{number}/{len(runs)}] {label} {dtype} micro-batch {batch_size} "
+        cut = f", run as micro-batches of {micro}" if micro else ""
+        print(f"[{number}/{len(runs)}] {label} {dtype} micro-batch {batch_size}{cut} "
               f"({time.perf_counter() - start:.0f} s so far)", file=sys.stderr, flush=True)
-        result = run_in_fresh_process(args, mode, dtype, batch_size, quantize)
+        result = run_in_fresh_process(args, mode, dtype, batch_size, quantize, micro)
         if args.device == "cpu" and not cpu_has_fast_kernels(dtype):
             result["note"] = f"no fast {dtype} kernels on this CPU: slower than fp32"
         print(json.dumps(result), flush=True)  # each line as its run ends, even into a pipe
@@ -309,7 +318,8 @@ def run_benchmark(args) -> list[dict]:
     return results
 
 
-def run_in_fresh_process(args, mode: str, dtype: str, batch_size: int, quantize: str | None = None) -> dict:
+def run_in_fresh_process(args, mode: str, dtype: str, batch_size: int, quantize: str | None = None, micro=None
+                         ) -> dict:
     command = [sys.executable, "-m", "bitfit.bench", "--worker", "--arch", args.arch, "--modes", mode,
                "--dtypes", dtype, "--batch-sizes", str(batch_size), "--rows", str(args.rows),
                "--warmup-steps", str(args.warmup_steps), "--grad-accum", str(args.grad_accum),
@@ -318,6 +328,8 @@ def run_in_fresh_process(args, mode: str, dtype: str, batch_size: int, quantize:
         command += ["--peak-tflops", str(args.peak_tflops)]
     if quantize:  # in a worker, --quantize means this run's base
         command += ["--quantize", quantize]
+    if micro:
+        command += ["--micro-batches", str(micro)]
     command += [flag for flag, on in [("--group-by-length", args.group_by_length),
                                       ("--grad-checkpointing", args.grad_checkpointing),
                                       ("--compile", args.compile)] if on]
@@ -335,13 +347,13 @@ def run_in_fresh_process(args, mode: str, dtype: str, batch_size: int, quantize:
         return json.loads(lines[-1])
     how = f"was killed by signal {-worker.returncode}" if worker.returncode < 0 else \
         f"exited with status {worker.returncode}"
-    return {**run_identity(args, mode, dtype, batch_size, quantize),
+    return {**run_identity(args, mode, dtype, batch_size, quantize, micro),
             "error": f"the worker {how} and printed no result"}
 
 
-def run_identity(args, mode: str, dtype: str, batch_size: int, quantize: str | None = None) -> dict:
+def run_identity(args, mode: str, dtype: str, batch_size: int, quantize: str | None = None, micro=None) -> dict:
     return {"mode": mode, "quantize": quantize, "arch": args.arch, "dtype": dtype, "micro_batch": batch_size,
-            "added_biases": train_config(args, mode, dtype, batch_size, quantize).add_biases,
+            "run_as": micro, "added_biases": train_config(args, mode, dtype, batch_size, quantize).add_biases,
             "grad_accum": args.grad_accum, "rows": args.rows, "max_len": args.max_len,
             "warmup_steps": args.warmup_steps, "group_by_length": args.group_by_length,
             "grad_checkpointing": args.grad_checkpointing, "compile": args.compile}
@@ -352,9 +364,10 @@ def run_identity(args, mode: str, dtype: str, batch_size: int, quantize: str | N
 
 def run_worker(args) -> None:
     mode, dtype, batch_size = args.modes[0], args.dtypes[0], args.batch_sizes[0]
-    identity = run_identity(args, mode, dtype, batch_size, args.quantize)
+    micro = args.micro_batches[0] if args.micro_batches else None
+    identity = run_identity(args, mode, dtype, batch_size, args.quantize, micro)
     try:
-        result = {**identity, **measure(args, train_config(args, mode, dtype, batch_size, args.quantize))}
+        result = {**identity, **measure(args, train_config(args, mode, dtype, batch_size, args.quantize, micro))}
     except Exception as error:  # a CUDA out-of-memory, say: one failed run, not a failed benchmark
         traceback.print_exc()
         message = (str(error).strip().splitlines() or [""])[0][:300]
@@ -379,6 +392,13 @@ def measure(args, config: TrainConfig) -> dict:
     examples = synthetic_examples(args.rows, vocab_size=model.config.vocab_size,
                                   eos_id=model.config.eos_token_id, max_len=config.max_len, seed=args.seed)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
+    chosen = {}
+    if config.micro_batch == "auto":  # as a run chooses it: measured here, before the untimed warm-up
+        from bitfit.training.micro_batch import choose_micro_batch
+
+        size = choose_micro_batch(model, examples, config, pad_id=pad_id, device=device, world=setup.world,
+                                  loss_fn=setup.loss_fn, log=lambda line: print(line, file=sys.stderr, flush=True))
+        config, chosen = dataclasses.replace(config, micro_batch=size), {"chosen_micro_batch": size}
 
     reset_peak_memory(device)
     # train_loop itself writes no file: a run's files come from bitfit.training.run around it.
@@ -407,6 +427,7 @@ def measure(args, config: TrainConfig) -> dict:
         "flops_per_token": flops_per_token,
         "peak_tflops": peak_tflops,
         "mfu": achieved_flops / (peak_tflops * 1e12) if peak_tflops else None,
+        **chosen,
     }
 
 
@@ -427,7 +448,9 @@ def format_table(results: list[dict], args) -> str:
         mode = f"{r['mode']} {r['quantize']}" if r.get("quantize") else r["mode"]
         mode += " (added biases)" if r.get("added_biases") else ""
         dtype = f"{r['dtype']} (no fast kernels here)" if "note" in r else r["dtype"]
-        cells = [mode, dtype, str(r["micro_batch"])]
+        run_as = r.get("run_as")
+        cells = [mode, dtype, str(r["micro_batch"]) + (f", run as {run_as}" if run_as else "")
+                 + (f" (chose {r['chosen_micro_batch']})" if run_as == "auto" and "chosen_micro_batch" in r else "")]
         if "error" in r:
             cells += [r["error"].replace("|", "/")] + [""] * 7
         else:

@@ -8,7 +8,8 @@ matmuls gain little from batching, and padding costs real work, so there the bes
 
     CUDA  the largest micro-batch that fits: tried from the whole window down, each on a worst-case
           micro-batch (every row --max-len tokens, every token a label), backing off on out-of-memory
-    CPU   the fastest: the first window, forward and backward, timed once at each candidate size
+    CPU   the fastest: the first window, forward and backward, timed at each candidate size in turn,
+          round after round (up to PROBE_ROUNDS, or PROBE_SECONDS), the best time of each counting
 
 Probing takes no optimizer step and leaves no gradient behind, and it runs in a forked random state, so
 dropout's draws in training are the ones a run with that micro-batch given by number makes.
@@ -17,6 +18,9 @@ dropout's draws in training are the ones a run with that micro-batch given by nu
 import time
 
 import torch
+
+PROBE_ROUNDS = 3  # rounds over the candidates: the best of each size's times counts, as timeit's does
+PROBE_SECONDS = 4.0  # no new round starts after this long: a large model gets one or two
 
 from bitfit.core.examples import collate, split_window
 from bitfit.core.loop import iter_windows
@@ -41,6 +45,7 @@ def choose_micro_batch(model, examples, config, *, pad_id: int, device: torch.de
     _, _, first = next(iter_windows(len(examples), config, world_size=world.world_size))
     mine = world.shard(first, config.batch_size)
     read = {index: examples[index] for ids in mine for index in ids}
+    model.train()  # timed as it trains: dropout on where the model has it
     start = time.perf_counter()
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -48,8 +53,7 @@ def choose_micro_batch(model, examples, config, *, pad_id: int, device: torch.de
             chosen, tried = largest_that_fits(model, read, sizes, config, pad_id, device, loss_fn)
             how = f"the largest of {', '.join(map(str, sizes))} that fits a worst-case micro-batch ({tried})"
         else:
-            seconds = {size: time_window(model, read, mine, size, config, pad_id, device, loss_fn)
-                       for size in reversed(sizes)}
+            seconds = best_times(model, read, mine, sizes, config, pad_id, device, loss_fn)
             total = world.sum(torch.tensor([seconds[size] for size in sizes], dtype=torch.float64)).tolist()
             chosen = sizes[min(range(len(sizes)), key=lambda index: total[index])]
             how = "the fastest on the first window: " + ", ".join(f"{size}: {seconds[size]:.2f} s" for size in sizes)
@@ -71,15 +75,25 @@ def forward_backward(model, batches: list[dict], config, device, loss_fn) -> Non
             param.grad = None
 
 
-def time_window(model, read: dict, mine: list[list[int]], size: int, config, pad_id, device, loss_fn) -> float:
-    """Seconds for the window's forward and backward passes cut into micro-batches of size (after one
-    untimed micro-batch, so that no candidate pays for the first call's set-up)."""
+def best_times(model, read: dict, mine: list[list[int]], sizes: list[int], config, pad_id, device, loss_fn
+               ) -> dict[int, float]:
+    """size -> the fewest seconds the window's forward and backward passes took cut into micro-batches of
+    size. The sizes take turns, so that a busy moment of the machine falls on one try of each, not on
+    all tries of one; one untimed micro-batch of each first, so that none pays for the set-up."""
     lengths = {index: len(example["input_ids"]) for index, example in read.items()}
-    batches = [collate([read[index] for index in ids], pad_id) for ids in split_window(mine, lengths, size)]
-    forward_backward(model, batches[:1], config, device, loss_fn)
-    start = time.perf_counter()
-    forward_backward(model, batches, config, device, loss_fn)
-    return time.perf_counter() - start
+    cuts = {size: [collate([read[index] for index in ids], pad_id) for ids in split_window(mine, lengths, size)]
+            for size in sizes}
+    for batches in cuts.values():
+        forward_backward(model, batches[:1], config, device, loss_fn)
+    best, start = dict.fromkeys(sizes, float("inf")), time.perf_counter()
+    for _ in range(PROBE_ROUNDS):
+        for size in sizes:
+            began = time.perf_counter()
+            forward_backward(model, cuts[size], config, device, loss_fn)
+            best[size] = min(best[size], time.perf_counter() - began)
+        if time.perf_counter() - start > PROBE_SECONDS:
+            break
+    return best
 
 
 def largest_that_fits(model, read: dict, sizes: list[int], config, pad_id, device, loss_fn) -> tuple[int, str]:
