@@ -9,12 +9,14 @@ and the same trainable biases (--add-biases where the model has none), at the sa
 warm-up, for one epoch. Then train.py runs the same window of 8 examples cut as the seed cuts it (1 x 8), as
 one micro-batch (8 x 1), as 2 x 4, and with --micro-batch auto. Each run is a fresh process, one after the
 other, so no run's threads compete with another's; the table gives the training loop's seconds (the
-Trainer's train_runtime; bitfit's summary seconds, which for auto include its probing) and the train loss.
+Trainer's train_runtime; bitfit's summary seconds; auto's probing, before the loop, is given apart) and the
+train loss.
 
 This is a benchmark, not a test: it reports numbers and asserts none.
 """
 
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -72,10 +74,11 @@ def main(argv=None) -> None:
                        "--max-len", str(args.max_len), "--batch-size", batch, "--grad-accum", accum,
                        "--output-dir", str(folder)] + (["--micro-batch", micro] if micro else []) + \
                 (["--add-biases"] if args.add_biases else [])
-            in_fresh_process(command)
+            printed = in_fresh_process(command)
             summary = json.loads((folder / "summary.json").read_text())
             chosen = json.loads((folder / "train_config.json").read_text())["micro_batch"]
-            key = name + (f" (chose {chosen})" if micro else "")
+            probing = re.search(r"probing took ([\d.]+) s", printed)
+            key = name + (f" (chose {chosen}, after {probing.group(1)} s of probing)" if micro and probing else "")
             results[key] = {"seconds": summary["seconds"], "train_loss": summary["train_loss"]}
             print(json.dumps({key: results[key]}), flush=True)
     print(format_table(results, args))
@@ -97,13 +100,14 @@ def write_rows(args, scratch: Path) -> str:
     return str(path)
 
 
-def in_fresh_process(command: list[str], json_line: bool = False) -> dict | None:
+def in_fresh_process(command: list[str], json_line: bool = False) -> dict | str:
+    """Run command; return its last JSON line (json_line), or what it printed."""
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         raise InputError(f"{' '.join(command[:4])} ... failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
     if json_line:
         return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
-    return None
+    return done.stdout
 
 
 def trainer_run(args) -> dict:
