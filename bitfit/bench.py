@@ -393,21 +393,30 @@ def measure(args, config: TrainConfig) -> dict:
                                   eos_id=model.config.eos_token_id, max_len=config.max_len, seed=args.seed)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
     chosen = {}
-    if config.micro_batch == "auto":  # as a run chooses it: measured here, before the untimed warm-up
-        from bitfit.training.micro_batch import choose_micro_batch
+    if config.micro_batch == "auto":  # as a run chooses it, in the timed windows (the probing is timed too)
+        from bitfit.core.loop import FixedMicroBatch
+        from bitfit.training.micro_batch import micro_batches
 
-        size = choose_micro_batch(model, examples, config, pad_id=pad_id, device=device, world=setup.world,
-                                  loss_fn=setup.loss_fn, log=lambda line: print(line, file=sys.stderr, flush=True))
-        config, chosen = dataclasses.replace(config, micro_batch=size), {"chosen_micro_batch": size}
+        def decided(size, why):
+            chosen["chosen_micro_batch"] = size
+            print(f"--micro-batch auto: {size}, {why}", file=sys.stderr, flush=True)
+
+        options["micro_batches"] = micro_batches(model, examples, config, pad_id=pad_id, device=device,
+                                                 loss_fn=setup.loss_fn, world=setup.world, decided=decided)
+        warmup_options = {**options, "micro_batches": FixedMicroBatch(config.batch_size * config.grad_accum)}
+    else:
+        warmup_options = options
 
     reset_peak_memory(device)
     # train_loop itself writes no file: a run's files come from bitfit.training.run around it.
     if args.warmup_steps:  # cuDNN/cuBLAS choices, the allocator's pools, torch.compile: untimed
         warmup = dataclasses.replace(config, max_steps=args.warmup_steps)
-        train_loop(model, setup.optimizer, examples, warmup, pad_id=pad_id, device=device, **options)
+        train_loop(model, setup.optimizer, examples, warmup, pad_id=pad_id, device=device, **warmup_options)
     steps = math.ceil(args.rows / (config.batch_size * config.grad_accum))
     timed = dataclasses.replace(config, max_steps=steps)
     progress = train_loop(model, setup.optimizer, examples, timed, pad_id=pad_id, device=device, **options)
+    if hasattr(options.get("micro_batches"), "choose"):
+        options["micro_batches"].choose()  # fewer timed windows than candidates: what it tried
 
     seconds = progress["seconds"]
     flops_per_token = count_flops_per_token(num_params, config.mode)

@@ -280,3 +280,36 @@ def gguf_path(llama, tmp_path_factory):
     path = tmp_path_factory.mktemp("gguf") / "tiny-llama.F32.gguf"
     write_llama_gguf(path, *llama)
     return str(path)
+
+
+# ------------------------------------------------------------ helpers several test files share
+
+
+def llama_cpp_server(path, context: int = 64, threads: int = 1):
+    """llama.cpp, through the xllamacpp wheel, serving the GGUF file at path (in this process)."""
+    xllamacpp = pytest.importorskip("xllamacpp")
+    params = xllamacpp.CommonParams()
+    params.model.path = str(path)
+    params.n_ctx = context
+    params.cpuparams.n_threads = threads
+    params.cpuparams_batch.n_threads = threads
+    params.warmup = False
+    return xllamacpp.Server(params)
+
+
+def ctrl_c_after_step(monkeypatch, step: int):
+    """As if the user pressed Ctrl-C during optimizer step `step`: SIGINT once its metrics line is written.
+    Returns a function that takes the patch off again (before a run is resumed)."""
+    import signal
+
+    from bitfit.store.metrics import MetricsLog
+
+    write = MetricsLog.write
+
+    def pressed(self, record):
+        write(self, record)
+        if record["step"] == step and "loss" in record:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(MetricsLog, "write", pressed)
+    return lambda: monkeypatch.setattr(MetricsLog, "write", write)

@@ -12,7 +12,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import cli, error_lines, save_tiny
+from conftest import cli, error_lines, llama_cpp_server, save_tiny
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Qwen2Config
@@ -26,22 +26,12 @@ from bitfit.store.gguf_export import gguf_bias_names, permute_rows
 from bitfit.store.peft_export import read_bitfit_metadata
 
 PROBE = [5, 17, 42, 99, 3, 250]
-xllamacpp = pytest.importorskip("xllamacpp")
-
-
-def llama_cpp(path: str):
-    params = xllamacpp.CommonParams()
-    params.model.path = str(path)
-    params.n_ctx = 64
-    params.cpuparams.n_threads = 1
-    params.cpuparams_batch.n_threads = 1
-    params.warmup = False
-    return xllamacpp.Server(params)
 
 
 def llama_cpp_log_probs(path: str, prompt: list[int], top: int = 10) -> dict[int, float]:
     """token id -> log-probability of the next token after prompt, the top ones, as llama.cpp computes them."""
-    reply = llama_cpp(path).handle_completions({"prompt": prompt, "max_tokens": 1, "temperature": 0, "n_probs": top})
+    request = {"prompt": prompt, "max_tokens": 1, "temperature": 0, "n_probs": top}
+    reply = llama_cpp_server(path).handle_completions(request)
     return {entry["id"]: entry["logprob"] for entry in reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
 
 

@@ -5,19 +5,17 @@ every damaged file, odd flag or Ctrl-C is one line and a non-zero exit, never a 
 import errno
 import json
 import os
-import signal
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, cli, error_lines, folder_bytes, leftovers
+from conftest import ROOT, cli, ctrl_c_after_step, error_lines, folder_bytes, leftovers
 from safetensors.torch import load_file, save_file
 
 import generate
 import train
 from bitfit import bench, compare, export, walkthrough
 from bitfit.data.tokenize import TOKENIZE_CHUNK, tokenize_rows
-from bitfit.store.metrics import MetricsLog
 from bitfit.store.run_folder import take_lock
 
 
@@ -141,18 +139,11 @@ def test_resume_refuses_a_chat_template_that_changed_since_the_run_started(tmp_p
                                                      {"role": "assistant", "content": f"{n}."}]}) + "\n"
                             for n in range(12)))
     run = tmp_path / "run"
-    write = MetricsLog.write
-
-    def ctrl_c_after_step_two(self, record):
-        write(self, record)
-        if record["step"] == 2 and "loss" in record:
-            signal.raise_signal(signal.SIGINT)
-
-    monkeypatch.setattr(MetricsLog, "write", ctrl_c_after_step_two)
+    released = ctrl_c_after_step(monkeypatch, 2)
     status, _, _ = cli(train.main, train_argv(str(model_dir), str(data), run, "--max-steps", "5",
                                               "--save-every", "5", "--log-every", "1"), capsys)
     assert status == 130
-    monkeypatch.setattr(MetricsLog, "write", write)
+    released()
     tokenizer.chat_template = tokenizer.chat_template.replace("<|im_start|>", "<|im_start|> ")
     tokenizer.save_pretrained(model_dir)  # the same weights, another template
     before = folder_bytes(run)

@@ -3,18 +3,16 @@ cut of the window, sorted by length within it, makes the update batch 1 x accum 
 the tiny model's is off), in BitFit and full fine-tuning, straight and resumed; auto picks one and keeps it."""
 
 import json
-import signal
 
 import pytest
 import torch
-from conftest import cli, error_lines
+from conftest import cli, ctrl_c_after_step, error_lines
 from safetensors.torch import load_file
 
 import train
 from bitfit.config import DEFAULT_DATA, TrainConfig
 from bitfit.core.examples import split_window
 from bitfit.errors import InputError
-from bitfit.store.metrics import MetricsLog
 from bitfit.training.micro_batch import candidate_sizes, largest_that_fits
 
 
@@ -78,26 +76,24 @@ def test_every_micro_batch_makes_the_update_of_batch_1_accum_8(mode, micro, refe
 
 
 @pytest.mark.parametrize("micro", ["2", "auto"])
-def test_a_resumed_run_keeps_its_micro_batch_and_its_update(micro, reference, tiny_model_dir, data, tmp_path,
-                                                             capsys, monkeypatch):
-    run = tmp_path / "run"
-    write = MetricsLog.write
-
-    def ctrl_c_after_step_one(self, record):
-        write(self, record)
-        if record["step"] == 1 and "loss" in record:
-            signal.raise_signal(signal.SIGINT)
-
-    monkeypatch.setattr(MetricsLog, "write", ctrl_c_after_step_one)
-    status, _, _ = cli(train.main, argv(tiny_model_dir, data, run, "--micro-batch", micro), capsys)
+def test_a_resumed_run_keeps_its_micro_batch_and_its_update(micro, tiny_model_dir, data, tmp_path, capsys,
+                                                             monkeypatch):
+    """8 steps: auto warms up on the first window and tries 1, 2, 4 and 8 on the next four, then settles;
+    stopped after step 6 and resumed, it keeps what it settled on, and makes batch 1 x accum 8's update."""
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    assert cli(train.main, argv(tiny_model_dir, data, straight, "--max-steps", "8"), capsys)[0] == 0
+    released = ctrl_c_after_step(monkeypatch, 6)
+    status, out, _ = cli(train.main, argv(tiny_model_dir, data, run, "--max-steps", "8", "--micro-batch", micro),
+                         capsys)
     assert status == 130
-    monkeypatch.setattr(MetricsLog, "write", write)
+    released()
     chosen = json.loads((run / "train_config.json").read_text())["micro_batch"]
+    assert chosen in candidate_sizes(8) and (micro != "auto" or f"--micro-batch auto: {chosen}, the fastest" in out)
     status, out, err = cli(train.main, ["--resume", str(run)], capsys)
     assert status == 0, err
     assert "--micro-batch auto" not in out  # kept from the checkpoint's settings, not probed again
     assert json.loads((run / "train_config.json").read_text())["micro_batch"] == chosen
-    assert_same_update(run, reference / "bitfit")
+    assert_same_update(run, straight)
 
 
 def test_on_a_gpu_auto_backs_off_from_out_of_memory_to_the_largest_that_fits(tiny_model_dir):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROWS, cli, prepare_for_training
+from conftest import ROWS, cli, llama_cpp_server, prepare_for_training
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import generate
@@ -158,20 +158,9 @@ def json_run(real_model, tmp_path_factory):
     return run
 
 
-def llama_cpp_server(path):
-    xllamacpp = pytest.importorskip("xllamacpp")
-    params = xllamacpp.CommonParams()
-    params.model.path = str(path)
-    params.n_ctx = 512
-    params.cpuparams.n_threads = 2
-    params.cpuparams_batch.n_threads = 2
-    params.warmup = False
-    return xllamacpp.Server(params)
-
-
 def llama_cpp_answers(path, questions: list[str]) -> list[str]:
     """llama.cpp's greedy replies, through the chat template in the file, as a user of the file gets them."""
-    server = llama_cpp_server(path)
+    server = llama_cpp_server(path, context=512, threads=2)
     return [server.handle_chat_completions({"messages": [{"role": "user", "content": question}], "max_tokens": 24,
                                             "temperature": 0})["choices"][0]["message"]["content"]
             for question in questions]
@@ -220,8 +209,8 @@ def test_query_and_key_biases_move_llama_cpp_as_they_move_bitfit(real_model, tmp
                                            add_generation_prompt=True, return_dict=True)["input_ids"]
 
     def llama_cpp_log_probs(path) -> dict[int, float]:
-        reply = llama_cpp_server(path).handle_completions({"prompt": prompt, "max_tokens": 1, "temperature": 0,
-                                                           "n_probs": 10})
+        request = {"prompt": prompt, "max_tokens": 1, "temperature": 0, "n_probs": 10}
+        reply = llama_cpp_server(path, context=512, threads=2).handle_completions(request)
         (first,) = reply["choices"][0]["logprobs"]["content"]
         return {entry["id"]: entry["logprob"] for entry in first["top_logprobs"]}
 

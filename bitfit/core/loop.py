@@ -20,6 +20,20 @@ from bitfit.core.world import SINGLE
 from bitfit.errors import Diverged
 
 
+class FixedMicroBatch:
+    """The micro-batch of every window: config.micro_batch (None: the window's batch_size micro-batches as
+    they are). --micro-batch auto passes another object with these two methods (bitfit.training.micro_batch)."""
+
+    def __init__(self, size: int | None):
+        self.size = size
+
+    def for_step(self, step: int) -> int | None:
+        return self.size
+
+    def measured(self, step: int, tokens: int, seconds: float) -> None:
+        pass
+
+
 def new_progress() -> dict:
     """Where a run stands: saved in training checkpoints, so a resumed run carries on the same counts."""
     return {"step": 0, "epoch": 0, "position": 0, "samples": 0, "tokens": 0, "label_tokens": 0,
@@ -29,13 +43,14 @@ def new_progress() -> dict:
 
 def train_loop(model, optimizer, examples, config, *, pad_id, device, metrics_log=None, eval_examples=(),
                progress=None, world=SINGLE, loss_fn=causal_lm_loss_sum, scaler=NO_LOSS_SCALING,
-               after_step=None) -> dict:
+               after_step=None, micro_batches=None) -> dict:
     """Train from progress (a fresh run when None) to config's epochs or max_steps: the learning
     rate schedule, train_step, counters, logging, evaluation, in that order; then after_step(progress,
     total_steps), which may stop the run by raising.
 
     config is a TrainConfig (bitfit.config). world, loss_fn and scaler go to train_step; under
-    torchrun the counts in progress are global.
+    torchrun the counts in progress are global. micro_batches says how each window is cut (by default
+    config.micro_batch for every window).
     Returns the final progress: steps, samples, tokens, loss and eval sums, training seconds.
     """
     total_steps = count_optimizer_steps(len(examples), config, world.world_size)
@@ -52,9 +67,10 @@ def train_loop(model, optimizer, examples, config, *, pad_id, device, metrics_lo
     if progress.get("grad_scaler"):
         scaler.load_state_dict(progress["grad_scaler"])
     model.train()
-    micro_batch = config.micro_batch  # an int, or None: "auto" is resolved before the loop
-    if micro_batch == "auto":
-        raise ValueError("micro_batch 'auto' must be resolved to a size before train_loop (bitfit.training)")
+    if micro_batches is None:
+        if config.micro_batch == "auto":  # a bug in the caller, not the user's input
+            raise ValueError("--micro-batch auto: pass micro_batches (bitfit.training.micro_batch.micro_batches)")
+        micro_batches = FixedMicroBatch(config.micro_batch)
     lengths = [len(example["input_ids"]) for example in examples] if config.group_by_length else None
     windows = iter_windows(len(examples), config, progress["epoch"], progress["position"], lengths,
                            world.world_size)
@@ -69,12 +85,13 @@ def train_loop(model, optimizer, examples, config, *, pad_id, device, metrics_lo
 
             # Collate the whole window first: the loss normaliser is its number of label tokens.
             # Under torchrun each rank collates only its own slice of the window; --micro-batch re-cuts it.
+            micro_batch = micro_batches.for_step(step)
             mine = world.shard(window, config.batch_size)
             read = {i: examples[i] for ids in mine for i in ids}
             cut = split_window(mine, {i: len(example["input_ids"]) for i, example in read.items()}, micro_batch)
             batches = [collate([read[i] for i in ids], pad_id) for ids in cut]
             label_tokens, samples, tokens, tokens_with_padding = window_counts(batches, device, world)
-            batches = world.fill_window(batches, micro_batches_per_window(config, len(window)), pad_id)
+            batches = world.fill_window(batches, micro_batches_per_window(config, len(window), micro_batch), pad_id)
             try:
                 window_loss_sum, grad_norm = train_step(model, optimizer, batches, label_tokens,
                                                         max_grad_norm=config.max_grad_norm, device=device,
@@ -86,6 +103,7 @@ def train_loop(model, optimizer, examples, config, *, pad_id, device, metrics_lo
                                f"untouched; try a lower --lr") from None
 
             progress.update(step=step + 1, epoch=epoch, position=position + 1, grad_scaler=scaler.state_dict())
+            micro_batches.measured(step, tokens, time.perf_counter() - step_start)
             progress["seconds"] += time.perf_counter() - step_start
             progress["samples"] += samples
             progress["tokens"] += tokens
@@ -145,11 +163,11 @@ def window_counts(batches: list[dict], device, world) -> tuple[int, int, int, in
     return tuple(counts)
 
 
-def micro_batches_per_window(config, global_micro_batches: int) -> int:
+def micro_batches_per_window(config, global_micro_batches: int, micro_batch: int | None) -> int:
     """The most micro-batches any rank runs in a window: --fsdp makes every rank run that many."""
-    if config.micro_batch is None:
+    if micro_batch is None:
         return global_micro_batches
-    return math.ceil(config.batch_size * global_micro_batches / config.micro_batch)
+    return math.ceil(config.batch_size * global_micro_batches / micro_batch)
 
 
 def count_optimizer_steps(num_examples: int, config, world_size: int = 1) -> int:

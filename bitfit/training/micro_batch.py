@@ -6,24 +6,22 @@ example at a time because full fine-tuning of bloomz-1b1 filled its GPU; BitFit 
 memory, and a GPU runs eight examples at once in little more time than one. A CPU is different: small
 matmuls gain little from batching, and padding costs real work, so there the best cut must be measured.
 
-    CUDA  the largest micro-batch that fits: tried from the whole window down, each on a worst-case
-          micro-batch (every row --max-len tokens, every token a label), backing off on out-of-memory
-    CPU   the fastest: the first window, forward and backward, timed at each candidate size in turn,
-          round after round (up to PROBE_ROUNDS, or PROBE_SECONDS), the best time of each counting
+    CUDA  the largest micro-batch that fits, before the first step: tried from the whole window down, each
+          on a worst-case micro-batch (every row --max-len tokens, every token a label), backing off on
+          out-of-memory (in a forked random state, no gradient left behind)
+    CPU   the fastest, measured on the first windows as they train: after one window to warm up, each
+          candidate size cuts one window, timed in tokens a second, and the fastest cuts the rest. Every
+          cut of a window is the same update, so the probing costs nothing but the slower windows' time.
 
-Probing takes no optimizer step and leaves no gradient behind, and it runs in a forked random state, so
-dropout's draws in training are the ones a run with that micro-batch given by number makes.
+The choice is said in one line and recorded in train_config.json (and in later checkpoints), so that
+--resume keeps it.
 """
 
-import time
 
 import torch
 
-PROBE_ROUNDS = 3  # rounds over the candidates: the best of each size's times counts, as timeit's does
-PROBE_SECONDS = 4.0  # no new round starts after this long: a large model gets one or two
-
-from bitfit.core.examples import collate, split_window
-from bitfit.core.loop import iter_windows
+from bitfit.core.examples import collate
+from bitfit.core.loop import FixedMicroBatch, iter_windows
 from bitfit.core.loss import label_token_count
 from bitfit.core.step import autocast
 from bitfit.core.trainable import trainable_parameters
@@ -38,27 +36,51 @@ def candidate_sizes(window: int) -> list[int]:
     return sizes + [window]
 
 
-def choose_micro_batch(model, examples, config, *, pad_id: int, device: torch.device, loss_fn, world, log) -> int:
-    """The micro-batch --micro-batch auto trains with, said in one line (see the module's docstring)."""
-    window = config.batch_size * config.grad_accum  # this rank's examples in a window
-    sizes = candidate_sizes(window)
+def micro_batches(model, examples, config, *, pad_id: int, device: torch.device, loss_fn, world, decided):
+    """What train_loop cuts each window with under --micro-batch auto; decided(size, why) is called once the
+    size is known (on CUDA at once, on the CPU after the probing windows)."""
+    sizes = candidate_sizes(config.batch_size * config.grad_accum)
+    if device.type != "cuda":
+        return TryEachSize(sizes, decided)
     _, _, first = next(iter_windows(len(examples), config, world_size=world.world_size))
-    mine = world.shard(first, config.batch_size)
-    read = {index: examples[index] for ids in mine for index in ids}
-    model.train()  # timed as it trains: dropout on where the model has it
-    start = time.perf_counter()
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        if device.type == "cuda":
-            chosen, tried = largest_that_fits(model, read, sizes, config, pad_id, device, loss_fn)
-            how = f"the largest of {', '.join(map(str, sizes))} that fits a worst-case micro-batch ({tried})"
-        else:
-            seconds = best_times(model, read, mine, sizes, config, pad_id, device, loss_fn)
-            total = world.sum(torch.tensor([seconds[size] for size in sizes], dtype=torch.float64)).tolist()
-            chosen = sizes[min(range(len(sizes)), key=lambda index: total[index])]
-            how = "the fastest on the first window: " + ", ".join(f"{size}: {seconds[size]:.2f} s" for size in sizes)
-    log(f"--micro-batch auto: {chosen}, {how}; probing took {time.perf_counter() - start:.1f} s")
-    return chosen
+    read = {index: examples[index] for ids in world.shard(first, config.batch_size) for index in ids}
+    model.train()
+    with torch.random.fork_rng(devices=[device]):
+        size, tried = largest_that_fits(model, read, sizes, config, pad_id, device, loss_fn)
+    decided(size, f"the largest of {', '.join(map(str, sizes))} that fits a worst-case micro-batch ({tried})")
+    return FixedMicroBatch(size)
+
+
+class TryEachSize:
+    """On the CPU: the first window warms up (at the largest size, untimed), each of the next windows is cut
+    at one candidate size and timed, and from then on every window is cut at the fastest."""
+
+    def __init__(self, sizes: list[int], decided):
+        self.sizes, self.decided = sizes, decided
+        self.first = self.chosen = None
+        self.rates = {}  # size -> tokens a second
+
+    def for_step(self, step: int) -> int:
+        if self.first is None:
+            self.first = step
+        if self.chosen is not None:
+            return self.chosen
+        trial = step - self.first - 1
+        return self.sizes[trial] if 0 <= trial < len(self.sizes) else self.sizes[-1]
+
+    def measured(self, step: int, tokens: int, seconds: float) -> None:
+        trial = step - self.first - 1
+        if self.chosen is None and 0 <= trial < len(self.sizes):
+            self.rates[self.sizes[trial]] = tokens / seconds
+            if len(self.rates) == len(self.sizes):
+                self.choose()
+
+    def choose(self) -> None:
+        """Settle on the fastest size tried (a run that ends sooner settles on what it tried)."""
+        if self.chosen is None and self.rates:
+            self.chosen = max(self.rates, key=self.rates.get)
+            self.decided(self.chosen, "the fastest on the first windows, one window each: " + ", ".join(
+                f"{size}: {rate:,.0f} tokens/s" for size, rate in self.rates.items()))
 
 
 def forward_backward(model, batches: list[dict], config, device, loss_fn) -> None:
@@ -73,27 +95,6 @@ def forward_backward(model, batches: list[dict], config, device, loss_fn) -> Non
     finally:
         for param in trainable_parameters(model).values():
             param.grad = None
-
-
-def best_times(model, read: dict, mine: list[list[int]], sizes: list[int], config, pad_id, device, loss_fn
-               ) -> dict[int, float]:
-    """size -> the fewest seconds the window's forward and backward passes took cut into micro-batches of
-    size. The sizes take turns, so that a busy moment of the machine falls on one try of each, not on
-    all tries of one; one untimed micro-batch of each first, so that none pays for the set-up."""
-    lengths = {index: len(example["input_ids"]) for index, example in read.items()}
-    cuts = {size: [collate([read[index] for index in ids], pad_id) for ids in split_window(mine, lengths, size)]
-            for size in sizes}
-    for batches in cuts.values():
-        forward_backward(model, batches[:1], config, device, loss_fn)
-    best, start = dict.fromkeys(sizes, float("inf")), time.perf_counter()
-    for _ in range(PROBE_ROUNDS):
-        for size in sizes:
-            began = time.perf_counter()
-            forward_backward(model, cuts[size], config, device, loss_fn)
-            best[size] = min(best[size], time.perf_counter() - began)
-        if time.perf_counter() - start > PROBE_SECONDS:
-            break
-    return best
 
 
 def largest_that_fits(model, read: dict, sizes: list[int], config, pad_id, device, loss_fn) -> tuple[int, str]:

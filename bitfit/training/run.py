@@ -31,7 +31,7 @@ from bitfit.store.files import save_json, save_model_folder
 from bitfit.store.metrics import (MetricsLog, format_summary, import_summary_writer, parameter_bytes, peak_memory_bytes,
                                   reset_peak_memory)
 from bitfit.store.run_folder import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, TENSORBOARD_DIR, RunFolder
-from bitfit.training.micro_batch import choose_micro_batch
+from bitfit.training.micro_batch import TryEachSize, micro_batches
 from bitfit.training.setup import setup_model
 from bitfit.training.summary import build_summary
 
@@ -82,17 +82,13 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=
                                 chat_template_hash=template_hash(inputs.tokenizer, config))))
         setup = setup_model(inputs.model, config, device, world, log,
                             on_whole_model=record_base if config.mode == "bitfit" else None)
-        if config.micro_batch == "auto":  # measured now, recorded in train_config.json, kept by --resume
-            config = dataclasses.replace(config, micro_batch=choose_micro_batch(
-                inputs.model, inputs.examples, config, pad_id=pad_token_id(inputs.tokenizer), device=device,
-                loss_fn=setup.loss_fn, world=setup.world, log=log))
         progress = {**new_progress(), "fingerprints": inputs.fingerprints}
         if resuming:
             progress = resume_progress(resume_state, inputs, setup, config, log)
 
         staging = folder.stage(resuming=resuming)
         try:
-            progress = train(inputs, setup, config, progress, staging, device, keep_metrics_through=(
+            progress = train(inputs, setup, config, progress, staging, device, log, keep_metrics_through=(
                 progress["step"] if resuming else None))
         except Interrupted:
             # A deliberate stop keeps the run so far: its settings, metrics and checkpoint.
@@ -164,10 +160,21 @@ def resume_progress(resume_state: dict, inputs: Inputs, setup, config: TrainConf
     return progress
 
 
-def train(inputs: Inputs, setup, config: TrainConfig, progress: dict, staging, device, keep_metrics_through=None):
+def train(inputs: Inputs, setup, config: TrainConfig, progress: dict, staging, device, log,
+          keep_metrics_through=None):
     """train_loop with the run's files: settings and metrics in the staging folder, a training
     checkpoint after the steps --save-every names and on Ctrl-C (only rank 0 writes)."""
     world = setup.world
+    tuner = None
+    if config.micro_batch == "auto":
+        def decided(size: int, why: str) -> None:
+            config.micro_batch = size  # the run's settings from here on: its checkpoints and train_config.json
+            log(f"--micro-batch auto: {size}, {why}")
+            if world.is_main:
+                save_json(staging / CONFIG_FILE, config.to_dict())
+
+        tuner = micro_batches(inputs.model, inputs.examples, config, pad_id=pad_token_id(inputs.tokenizer),
+                              device=device, loss_fn=setup.loss_fn, world=world, decided=decided)
     metrics_log = None
     if world.is_main:
         save_json(staging / CONFIG_FILE, config.to_dict())
@@ -180,10 +187,14 @@ def train(inputs: Inputs, setup, config: TrainConfig, progress: dict, staging, d
                 save_checkpoint_if_due(inputs.model, setup.optimizer, config, progress, total_steps=total_steps,
                                        ctrl_c=ctrl_c, device=device, world=world, checkpoint_dir=staging)
 
-            return train_loop(inputs.model, setup.optimizer, inputs.examples, config,
-                              pad_id=pad_token_id(inputs.tokenizer), device=device, metrics_log=metrics_log,
-                              eval_examples=inputs.eval_examples, progress=progress, world=world,
-                              loss_fn=setup.loss_fn, scaler=setup.scaler, after_step=save_if_due)
+            progress = train_loop(inputs.model, setup.optimizer, inputs.examples, config,
+                                  pad_id=pad_token_id(inputs.tokenizer), device=device, metrics_log=metrics_log,
+                                  eval_examples=inputs.eval_examples, progress=progress, world=world,
+                                  loss_fn=setup.loss_fn, scaler=setup.scaler, after_step=save_if_due,
+                                  micro_batches=tuner)
+        if isinstance(tuner, TryEachSize):
+            tuner.choose()  # a run shorter than the probing settles on what it tried
+        return progress
     finally:
         if metrics_log is not None:  # flushed line by line; it may stay open across the rename, as Linux allows
             metrics_log.close()
