@@ -9,9 +9,10 @@ matmuls gain little from batching, and padding costs real work, so there the bes
     CUDA  the largest micro-batch that fits, before the first step: tried from the whole window down, each
           on a worst-case micro-batch (every row --max-len tokens, every token a label), backing off on
           out-of-memory (in a forked random state, no gradient left behind)
-    CPU   the fastest, measured on the first windows as they train: after one window to warm up, each
-          candidate size cuts one window, timed in tokens a second, and the fastest cuts the rest. Every
-          cut of a window is the same update, so the probing costs nothing but the slower windows' time.
+    CPU   the fastest, measured on the first windows as they train: after one window to warm up, the
+          candidate sizes cut one window each, from the largest down, timed in tokens a second, until one
+          is slower than the one before; the fastest cuts the rest. Every cut of a window is the same
+          update, so the probing costs nothing but the slower windows' extra time.
 
 The choice is said in one line and recorded in train_config.json (and in later checkpoints), so that
 --resume keeps it.
@@ -52,13 +53,16 @@ def micro_batches(model, examples, config, *, pad_id: int, device: torch.device,
 
 
 class TryEachSize:
-    """On the CPU: the first window warms up (at the largest size, untimed), each of the next windows is cut
-    at one candidate size and timed, and from then on every window is cut at the fastest."""
+    """On the CPU: the first window warms up (at the whole window, untimed); the next windows try the
+    candidate sizes from the largest down, one window each, until one is slower than the size before it
+    (a CPU's speed rises with the micro-batch until padding and memory traffic outweigh batching, then
+    falls: past that point smaller sizes only cost more); from then on every window is cut at the fastest."""
 
     def __init__(self, sizes: list[int], decided):
-        self.sizes, self.decided = sizes, decided
+        self.sizes, self.decided = sorted(sizes, reverse=True), decided
         self.first = self.chosen = None
         self.rates = {}  # size -> tokens a second
+        self.trials = []  # (tokens, seconds) of each probing window
 
     def for_step(self, step: int) -> int:
         if self.first is None:
@@ -71,16 +75,22 @@ class TryEachSize:
     def measured(self, step: int, tokens: int, seconds: float) -> None:
         trial = step - self.first - 1
         if self.chosen is None and 0 <= trial < len(self.sizes):
-            self.rates[self.sizes[trial]] = tokens / seconds
-            if len(self.rates) == len(self.sizes):
+            size = self.sizes[trial]
+            self.rates[size] = tokens / seconds
+            self.trials.append((tokens, seconds))
+            slower = trial > 0 and self.rates[size] < self.rates[self.sizes[trial - 1]]
+            if slower or len(self.rates) == len(self.sizes):
                 self.choose()
 
     def choose(self) -> None:
         """Settle on the fastest size tried (a run that ends sooner settles on what it tried)."""
         if self.chosen is None and self.rates:
             self.chosen = max(self.rates, key=self.rates.get)
+            # What probing cost: the probing windows' time beyond what the chosen size would have taken.
+            cost = sum(seconds - tokens / self.rates[self.chosen] for tokens, seconds in self.trials)
             self.decided(self.chosen, "the fastest on the first windows, one window each: " + ", ".join(
-                f"{size}: {rate:,.0f} tokens/s" for size, rate in self.rates.items()))
+                f"{size}: {rate:,.0f} tokens/s" for size, rate in self.rates.items())
+                + f"; probing cost {cost:.1f} s over training at {self.chosen} throughout")
 
 
 def forward_backward(model, batches: list[dict], config, device, loss_fn) -> None:
