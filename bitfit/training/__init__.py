@@ -4,6 +4,6 @@
     run      read, load, set up, train_loop with the run's files, save; the run folder as a transaction
     summary  summary.json: counts, rates, memory, losses
 
-May import: the standard library, torch; bitfit.errors, bitfit.config, bitfit.core, bitfit.data, bitfit.model,
+May import: the standard library, torch, tqdm; bitfit.errors, bitfit.config, bitfit.core, bitfit.data, bitfit.model,
 bitfit.store, bitfit.parallel
 """

@@ -13,6 +13,7 @@ import dataclasses
 import textwrap
 
 import torch
+from tqdm import tqdm
 
 from bitfit.config import TrainConfig
 from bitfit.core.loop import count_optimizer_steps, new_progress, train_loop
@@ -169,7 +170,8 @@ def train(inputs: Inputs, setup, config: TrainConfig, progress: dict, staging, d
     if config.micro_batch == "auto":
         def decided(size: int, why: str) -> None:
             config.micro_batch = size  # the run's settings from here on: its checkpoints and train_config.json
-            log(f"--micro-batch auto: {size}, {why}")
+            # Said while the progress bar is up: tqdm.write puts the line above it rather than through it.
+            (tqdm.write if log is print else log)(f"--micro-batch auto: {size}, {why}")
             if world.is_main:
                 save_json(staging / CONFIG_FILE, config.to_dict())
 
