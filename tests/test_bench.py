@@ -175,3 +175,29 @@ def test_half_precision_without_fast_kernels_is_labelled_in_the_line_and_the_tab
     assert "| bitfit (added biases) | fp16 (no fast kernels here) | 1 |" in out
     assert "| full | fp32 | 1 |" in out
 
+
+
+def test_bench_runs_each_window_at_each_micro_batch_asked_for():
+    """--micro-batches: the seed's window (1 x 8) run as micro-batches of 2 and auto, beside it as written;
+    the same rows make the same loss whatever the cut (the tiny shape has no dropout)."""
+    command = [sys.executable, "-m", "bitfit.bench", "--arch", "tiny", "--rows", "48", "--batch-sizes", "1",
+               "--micro-batches", "2,auto", "--modes", "bitfit", "--dtypes", "fp32", "--device", "cpu",
+               "--warmup-steps", "0"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [(r["micro_batch"], r["run_as"]) for r in results] == [(1, 2), (1, "auto")]
+    assert results[1]["chosen_micro_batch"] in (1, 2, 4, 8) and "--micro-batch auto: " in done.stderr
+    assert results[0]["train_loss"] == pytest.approx(results[1]["train_loss"], rel=1e-5)
+    assert "| bitfit (added biases) | fp32 | 1, run as 2 |" in done.stdout or "| bitfit | fp32 | 1, run as 2 |" in \
+        done.stdout
+
+
+def test_bench_hf_refuses_bad_numbers_before_running_anything(capsys):
+    from bitfit import bench_hf
+
+    for argv, expected in [(["--rounds", "0"], "--rounds must be a positive number"),
+                           (["--rows", "-3"], "--rows must be a positive number")]:
+        assert run_main(bench_hf.main, argv) == 2
+        assert expected in capsys.readouterr().err
