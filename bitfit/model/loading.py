@@ -7,7 +7,7 @@ from safetensors import SafetensorError
 
 from bitfit.config import ASSETS, DEFAULT_MODEL
 from bitfit.errors import InputError, library_logs_silenced
-from bitfit.model.gguf import gguf_config, is_gguf_source, load_gguf_model_and_tokenizer
+from bitfit.model.gguf import find_gguf_file, gguf_config, is_gguf_source, load_gguf_model_and_tokenizer
 from bitfit.model.known import missing_model_hint
 
 TINY_GPT2_DIR = ASSETS / "tiny-gpt2"
@@ -98,3 +98,43 @@ def _load_builtin_tiny_gpt2(dtype: torch.dtype):
 def pad_token_id(tokenizer) -> int:
     """The id used to pad input_ids; GPT-2 has no pad token, so fall back to eos."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def load_model_shape(name: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) with the model's shape alone, on the meta device: its config is read, no
+    weight is (bitfit.training.estimate). A folder may hold only a config.json; tokenizer is None
+    where it holds none."""
+    import transformers
+
+    config, tokenizer_source = _config_and_tokenizer_source(name)
+    tokenizer = None
+    try:
+        with library_logs_silenced():
+            tokenizer = transformers.AutoTokenizer.from_pretrained(**tokenizer_source)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # a config alone: enough for the shape
+    try:
+        with torch.device("meta"), library_logs_silenced():
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise InputError(f"cannot build model {name!r} from its config: {_first_line(error)}") from None
+    return model, tokenizer
+
+
+def _config_and_tokenizer_source(name: str):
+    import transformers
+
+    if name == DEFAULT_MODEL:
+        name = str(TINY_GPT2_DIR)
+    if is_gguf_source(name):
+        file = find_gguf_file(name)
+        return gguf_config(name), {"pretrained_model_name_or_path": file.parent, "gguf_file": file.name}
+    _check_model_source(name)
+    if Path(name).expanduser().is_dir() and not (Path(name).expanduser() / "config.json").is_file():
+        raise InputError(f"model folder {name} holds no config.json: the estimate needs the model's config")
+    try:
+        with library_logs_silenced():
+            config = transformers.AutoConfig.from_pretrained(name)
+    except (OSError, ValueError, KeyError) as error:
+        raise InputError(f"could not load the config of model {name!r}: {_first_line(error)}") from None
+    return config, {"pretrained_model_name_or_path": name}

@@ -1,0 +1,234 @@
+"""Will it fit? The peak memory of a run's optimizer step, worked out before the run, with no GPU.
+
+The estimate does what the run does, on fake tensors: bitfit's own setup (setup_model: the frozen
+weights, added biases, 4-bit layers, fp32 master copies, AdamW), then one train_step of the longest
+window the run would train. Under torch's FakeTensorMode every operator works out its output's size,
+dtype and device and computes nothing, so a 70B model takes no memory and seconds.
+bitfit.training.live_bytes counts the storages as CUDA's caching allocator would report them in
+torch.cuda.max_memory_allocated.
+
+Two optimizer steps stand for the whole run: the first makes AdamW's state, which every later step
+holds from its start. In the second, two micro-batches stand for the window: the first makes the
+gradients, the second runs with them already held, and every later one repeats it.
+
+The fake tensors live on the CPU: a CPU build of torch cannot make fake CUDA tensors that autocast
+accepts. The one CUDA difference that counts for memory is put in: AdamW is built fused, as on CUDA
+(one kernel, no temporaries; the CPU's plain loop makes one parameter-sized temporary at a time).
+"""
+
+import contextlib
+import dataclasses
+import gc
+import time
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorConverter, FakeTensorMode, unset_fake_temporarily
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from bitfit.config import TrainConfig
+from bitfit.core.examples import IGNORE_INDEX, collate
+from bitfit.core.step import train_step
+from bitfit.core.trainable import build_optimizer, trainable_parameters
+from bitfit.errors import InputError
+from bitfit.training.live_bytes import LiveTensorBytes
+from bitfit.training.setup import setup_model
+
+# The seed notebook's rule of thumb for full fine-tuning with AdamW in fp32, per parameter: 4 bytes of
+# weight, 4 of gradient, 8 of AdamW moments, 4 of "activations and temporaries".
+RULE_OF_THUMB_BYTES = 20
+MICRO_BATCHES_TO_RUN = 2
+
+
+@dataclasses.dataclass
+class MemoryEstimate:
+    mode: str
+    peak_bytes: int  # what torch.cuda.max_memory_allocated would say after the step
+    weights_bytes: int  # the model's parameters and buffers (trained ones included)
+    trained_bytes: int  # of which the tensors that train (fp32 master copies)
+    gradient_bytes: int
+    optimizer_bytes: int  # AdamW's two moments and step counts
+    other_bytes: int  # activations, logits, temporaries: the rest of the peak
+    where: str  # where in the step the peak falls
+    trainable_params: int
+    total_params: int
+    micro_batch: int  # examples per micro-batch
+    tokens: int  # per example (the longest the run would train)
+    labels: int  # label tokens of that example
+    seconds: float  # how long the estimate took
+
+    @property
+    def rule_of_thumb_bytes(self) -> int:
+        return RULE_OF_THUMB_BYTES * self.total_params
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "rule_of_thumb_bytes": self.rule_of_thumb_bytes}
+
+
+def estimate_peak_memory(model, config: TrainConfig, example: dict, pad_id: int) -> MemoryEstimate:
+    """The peak of one optimizer step of config's run on model, whose every micro-batch holds
+    examples like example (its longest).
+
+    model holds the model's shape on the meta device (bitfit.model.loading.load_model_shape); it is
+    set up and trained on fake tensors, and is of no use afterwards.
+    """
+    started = time.perf_counter()
+    device = torch.device("cpu")
+    micro_batch = config.micro_batch if isinstance(config.micro_batch, int) else config.batch_size
+    window = config.batch_size * config.grad_accum
+    micro_batches = [collate([example] * size, pad_id) for size in _sizes(window, micro_batch)]
+    windows = [micro_batches[:1], micro_batches]  # the first step only makes the optimizer's state
+    labels = sum(label != IGNORE_INDEX for label in example["labels"])
+
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    fake.fake_tensor_converter = _FreshViewConverter()
+    live = LiveTensorBytes()
+    with fake, _BatchValues(), live, _data_dependent_model_errors(config.model), garbage_collector_off():
+        make_fake(model, device)
+        setup = setup_model(model, config, device, log=lambda message: None)
+        # AdamW as CUDA builds it: fused (its state is made on the first step, so building it again is free).
+        optimizer = build_optimizer(model, config, torch.device("cuda"), no_decay=setup.masks)
+        _label_kinds(live, model, optimizer)
+        live.reset_peak()  # as a run does before training: the peak of the step, the weights included
+        count = _name_micro_batches(live, model)
+        for step, batches in enumerate(windows, start=1):
+            count.update(step=step, micro_batch=0)
+            train_step(model, optimizer, batches, labels * window, max_grad_norm=config.max_grad_norm, device=device,
+                       dtype=config.dtype, loss_fn=setup.loss_fn, scaler=setup.scaler, world=setup.world)
+        at_peak = live.bytes_at_peak()
+    weights = at_peak.get("weights", 0) + at_peak.get("trained", 0)
+    gradients, optimizer_state = at_peak.get("gradients", 0), at_peak.get("optimizer", 0)
+    return MemoryEstimate(
+        mode=config.mode, peak_bytes=live.peak, weights_bytes=weights, trained_bytes=at_peak.get("trained", 0),
+        gradient_bytes=gradients, optimizer_bytes=optimizer_state,
+        other_bytes=live.peak - weights - gradients - optimizer_state, where=live.where,
+        trainable_params=setup.trainable, total_params=setup.total, micro_batch=micro_batch,
+        tokens=len(example["input_ids"]), labels=labels,
+        seconds=time.perf_counter() - started)
+
+
+def _sizes(window: int, micro_batch: int) -> list[int]:
+    """The first micro-batches of the window (train_step runs them in turn)."""
+    sizes = [min(micro_batch, window - start) for start in range(0, window, micro_batch)]
+    return sizes[:MICRO_BATCHES_TO_RUN]
+
+
+def make_fake(model: torch.nn.Module, device: torch.device) -> None:
+    """Give a model on the meta device fake tensors on device, in place; a tensor shared by two
+    modules (a head tied to the embeddings) stays one tensor. Call under FakeTensorMode."""
+    made = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, meta in table.items():
+                if meta is None:
+                    continue
+                if id(meta) not in made:
+                    fake = torch.empty_strided(meta.shape, meta.stride(), dtype=meta.dtype, device=device)
+                    if isinstance(meta, torch.nn.Parameter):
+                        fake = torch.nn.Parameter(fake, requires_grad=meta.requires_grad)
+                    made[id(meta)] = fake
+                table[name] = made[id(meta)]
+
+
+def _label_kinds(live: LiveTensorBytes, model, optimizer) -> None:
+    """Say what each tensor is, for the breakdown of the peak: the weights now, the gradients when the
+    optimizer starts (every one exists then), its state when it is done."""
+    trained = list(trainable_parameters(model).values())
+    live.set_kind([*model.parameters(), *model.buffers()], "weights")
+    live.set_kind(trained, "trained")
+
+    def before(*_):
+        live.set_kind([param.grad for param in trained], "gradients")
+        live.phase, live.stage = live.phase.partition(",")[0], "the optimizer step"
+
+    def after(*_):
+        live.set_kind([value for state in optimizer.state.values() for value in state.values()
+                       if isinstance(value, torch.Tensor)], "optimizer")
+
+    optimizer.register_step_pre_hook(before)
+    optimizer.register_step_post_hook(after)
+
+
+def _name_micro_batches(live: LiveTensorBytes, model) -> dict:
+    """Tell live which micro-batch of which step runs, and which part of it: each begins with the
+    transformer body's forward pass, after which come the head and the loss (bitfit.model.label_loss).
+    Returns the count to set "step" in and to zero "micro_batch" in at each step."""
+    count = {"step": 0, "micro_batch": 0}
+
+    def body(*_):
+        count["micro_batch"] += 1
+        live.phase, live.stage = f"step {count['step']}, micro-batch {count['micro_batch']}", "forward"
+
+    def head(*_):
+        live.stage = "the head and the loss"
+
+    model.base_model.register_forward_pre_hook(body)
+    model.base_model.register_forward_hook(head)
+    return count
+
+
+class _FreshViewConverter(FakeTensorConverter):
+    """FakeTensorMode's converter, except that a view is not remembered by the meta tensor it came
+    from. The memory holds a weak reference to the view, and torch refuses to swap a tensor that
+    one points to, which is how nn.Module.to() and .float() change fake parameters."""
+
+    def from_meta_and_device(self, fake_mode, t, device, pytype=None, dispatch_keys=None):
+        return FakeTensor(fake_mode, t, device, pytype=pytype, dispatch_keys=dispatch_keys)
+
+
+class _BatchValues(TorchDispatchMode):
+    """Under FakeTensorMode, keep the batch's values: what a step does can depend on them.
+
+    The batch (token ids, attention mask, labels) is made of real tensors, and an operator on real
+    tensors alone runs for real, so the mask of label positions is a real mask. The head runs at those
+    positions only (bitfit.model.label_loss): a fake tensor indexed by a real mask is indexed by its
+    positions, whose number is known. A number read from a fake tensor (the loss, the gradient norm)
+    has no value; 1.0 stands in, which no memory depends on.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [value for value in tree_flatten((args, kwargs))[0] if isinstance(value, torch.Tensor)]
+        if tensors and not any(isinstance(tensor, FakeTensor) or tensor.is_meta for tensor in tensors):
+            with unset_fake_temporarily():
+                return func(*args, **kwargs)
+        if func is torch.ops.aten._local_scalar_dense.default:
+            return 1.0
+        if func is torch.ops.aten.index.Tensor:
+            args = (args[0], [position for index in args[1] for position in _positions(index)], *args[2:])
+        return func(*args, **kwargs)
+
+
+def _positions(index):
+    """A real boolean mask as the index tensors of its True positions (what indexing by it means)."""
+    if index is None or isinstance(index, FakeTensor) or index.dtype != torch.bool:
+        return [index]
+    with unset_fake_temporarily():
+        return list(index.nonzero().unbind(1))
+
+
+@contextlib.contextmanager
+def garbage_collector_off():
+    """Hold Python's cycle collector off: tensors kept only by a reference cycle (gradient checkpointing
+    makes some) stay counted until the step ends. When the collector runs depends on how many Python
+    objects a program makes, which differs between fake and real tensors, so without this the count
+    would depend on it; with it, it is the most a run can hold."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+@contextlib.contextmanager
+def _data_dependent_model_errors(model_name: str):
+    """A model whose forward pass depends on values the estimate does not have is one line."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+    try:
+        yield
+    except (DataDependentOutputException, DynamicOutputShapeException) as error:
+        raise InputError(f"cannot estimate {model_name}: its forward pass depends on the values of its "
+                         f"weights ({error.func}), which an estimate does not have") from None

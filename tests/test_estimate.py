@@ -1,0 +1,99 @@
+"""bitfit.estimate: the peak memory of a run's step on fake tensors equals the same step's count on real ones.
+
+The reference is the count the README's figures were first made with: a dispatch mode adding up the
+storages of real CPU tensors while bitfit's setup and train_step run (LiveTensorBytes on real tensors).
+"""
+
+import json
+import resource
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, cli
+
+from bitfit.config import TrainConfig
+from bitfit.core.examples import build_example, collate
+from bitfit.core.step import train_step
+from bitfit.core.trainable import build_optimizer
+from bitfit.model.compute import weights_dtype
+from bitfit.model.loading import load_model_and_tokenizer, load_model_shape
+from bitfit.training.estimate import estimate_peak_memory, garbage_collector_off
+from bitfit.training.live_bytes import LiveTensorBytes, allocated_bytes
+from bitfit.training.setup import setup_model
+
+GiB = 2**30
+
+
+def example(max_len: int, prompt: int = 20) -> dict:
+    return build_example(list(range(3, 3 + prompt)), [5] * (max_len - prompt), max_len)
+
+
+def real_peak(model_dir: str, config: TrainConfig, one: dict) -> tuple[int, int]:
+    """(peak, bytes of the parameters and buffers) of the estimate's two steps, run for real on the CPU."""
+    torch.manual_seed(0)
+    model, _ = load_model_and_tokenizer(model_dir, weights_dtype(config))
+    window = config.batch_size * config.grad_accum
+    micro = config.micro_batch or config.batch_size
+    batches = [collate([one] * min(micro, window - start), 0) for start in range(0, window, micro)][:2]
+    labels = sum(label != -100 for label in one["labels"]) * window
+    with LiveTensorBytes() as live, garbage_collector_off():
+        live.set_kind([*model.parameters(), *model.buffers()], "weights")
+        setup = setup_model(model, config, torch.device("cpu"), log=lambda line: None)
+        optimizer = build_optimizer(model, config, torch.device("cuda"), no_decay=setup.masks)  # fused, as on CUDA
+        live.reset_peak()
+        for window_batches in (batches[:1], batches):
+            train_step(model, optimizer, window_batches, labels, max_grad_norm=1.0, device=torch.device("cpu"),
+                       dtype=config.dtype, loss_fn=setup.loss_fn, scaler=setup.scaler)
+        weights = sum(allocated_bytes(tensor.untyped_storage().nbytes()) for tensor in _storages(model))
+    return live.peak, weights
+
+
+def _storages(model) -> list[torch.Tensor]:
+    """One tensor per storage of the model's parameters and buffers (a 4-bit weight's codes and scales)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    seen, tensors = set(), []
+    pending = [*model.parameters(), *model.buffers()]
+    while pending:
+        tensor = pending.pop()
+        if is_traceable_wrapper_subclass(tensor):
+            pending += [getattr(tensor, name) for name in tensor.__tensor_flatten__()[0]]
+        elif id(tensor.untyped_storage()) not in seen:
+            seen.add(id(tensor.untyped_storage()))
+            tensors.append(tensor)
+    return tensors
+
+
+def estimated(model_dir: str, config: TrainConfig, one: dict):
+    model, _ = load_model_shape(model_dir, weights_dtype(config))
+    return estimate_peak_memory(model, config, one, pad_id=0)
+
+
+CASES = [("bitfit", "fp32", None), ("bitfit", "bf16", None), ("full", "fp32", None), ("full", "bf16", None),
+         ("bitfit", "fp32", "nf4"), ("bitfit", "bf16", "nf4")]
+
+
+@pytest.mark.parametrize("mode,dtype,quantize", CASES)
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_the_fake_step_counts_what_the_real_step_holds(arch, mode, dtype, quantize, tiny_model_dir, llama_dir):
+    model_dir = tiny_model_dir if arch == "gpt2" else llama_dir
+    # LLaMA has no biases: BitFit trains added ones. Micro-batches of 2, so that the second runs with
+    # the first's gradients held.
+    config = TrainConfig(mode=mode, dtype=dtype, quantize=quantize, model=model_dir, batch_size=2, grad_accum=2,
+                         add_biases=arch == "llama" and mode == "bitfit", device="cpu")
+    one = example(96)
+    real, real_weights = real_peak(model_dir, config, one)
+    fake = estimated(model_dir, config, one)
+    assert fake.peak_bytes == pytest.approx(real, rel=0.01)
+    assert fake.weights_bytes == pytest.approx(real_weights, rel=0.01)
+    assert fake.peak_bytes == fake.weights_bytes + fake.gradient_bytes + fake.optimizer_bytes + fake.other_bytes
+
+
+def test_the_builtin_model_with_checkpointing_and_a_micro_batch_of_its_own():
+    config = TrainConfig(mode="bitfit", batch_size=4, grad_accum=2, micro_batch=3, grad_checkpointing=True,
+                         device="cpu")
+    one = example(128)
+    real, _ = real_peak(config.model, config, one)
+    assert estimated(config.model, config, one).peak_bytes == pytest.approx(real, rel=0.01)
