@@ -84,6 +84,8 @@ def build_parser() -> ArgumentParser:
                                                "folder's tensorboard/ (metrics.jsonl is always written)")
     add("--fsdp", action="store_true", help="under torchrun: shard every parameter over the ranks (FSDP2), "
                                             "for a model too large for one GPU")
+    add("--estimate", action="store_true", help="print the run's peak GPU memory, estimated without a GPU "
+                                                "(python -m bitfit.estimate), and exit without training")
     return parser
 
 
@@ -100,6 +102,7 @@ def micro_batch(text: str) -> int | str:
 def parse_args(argv=None) -> tuple[TrainConfig, dict | None, bool]:
     """Return the run's settings, with --resume the checkpoint to continue from, and --overwrite."""
     given = vars(build_parser().parse_args(argv))
+    given.pop("estimate", None)
     run_dir = given.pop("resume", None)
     overwrite = given.pop("overwrite", False)
     config_file = given.pop("config", None)
@@ -129,6 +132,9 @@ def parse_args(argv=None) -> tuple[TrainConfig, dict | None, bool]:
 
 def main(argv=None) -> None:
     config, resume_state, overwrite = parse_args(argv)
+    if "--estimate" in (sys.argv[1:] if argv is None else argv):
+        estimate(config)
+        return
     from bitfit.compare import compare_command  # imported late so that --help and flag errors answer at once
     from bitfit.model.compute import resolve_device
     from bitfit.parallel import torchrun
@@ -143,6 +149,22 @@ def main(argv=None) -> None:
     command = compare_command(config.output_dir, config.mode)
     if command is not None and world.is_main:
         print(f"compare it with the other mode's run: {command}")
+
+
+def estimate(config: TrainConfig) -> None:
+    """--estimate: the run's peak memory, printed; nothing is trained and the output folder is not touched.
+    Under torchrun the ranks are torchrun's (rank 0 prints)."""
+    import os
+
+    from bitfit.estimate import run_estimate
+
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.fsdp and ranks < 2:
+        raise InputError("--estimate --fsdp needs the number of ranks: run it under torchrun --nproc_per_node N, "
+                         "or python -m bitfit.estimate --fsdp N")
+    report = run_estimate(config, use_data=True, ranks=ranks)
+    if os.environ.get("RANK", "0") == "0":
+        print(report)
 
 
 if __name__ == "__main__":

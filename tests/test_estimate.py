@@ -68,7 +68,7 @@ def _storages(model) -> list[torch.Tensor]:
 
 def estimated(model_dir: str, config: TrainConfig, one: dict):
     model, _ = load_model_shape(model_dir, weights_dtype(config))
-    return estimate_peak_memory(model, config, one, pad_id=0)
+    return estimate_peak_memory(model, config, one)
 
 
 CASES = [("bitfit", "fp32", None), ("bitfit", "bf16", None), ("full", "fp32", None), ("full", "bf16", None),

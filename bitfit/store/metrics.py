@@ -121,10 +121,12 @@ def gib(num_bytes: int | None) -> str:
 
 
 def readable_bytes(num_bytes: int | None) -> str:
-    """GiB, or MiB below one GiB (a tiny model's weights would read 0.00 GiB)."""
+    """GiB, or MiB below one GiB and KiB below one MiB (a tiny model's weights would read 0.00 GiB)."""
     if num_bytes is None or num_bytes >= 2**30:
         return gib(num_bytes)
-    return f"{num_bytes / 2**20:.1f} MiB"
+    if num_bytes >= 2**20:
+        return f"{num_bytes / 2**20:.1f} MiB"
+    return f"{num_bytes / 2**10:.1f} KiB"
 
 
 def format_summary(summary: dict) -> str:

@@ -23,14 +23,19 @@ import time
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorConverter, FakeTensorMode, unset_fake_temporarily
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass_type
 from torch.utils._pytree import tree_flatten
 
 from bitfit.config import TrainConfig
-from bitfit.core.examples import IGNORE_INDEX, collate
+from bitfit.core.examples import IGNORE_INDEX, build_example, collate
 from bitfit.core.step import train_step
-from bitfit.core.trainable import build_optimizer, trainable_parameters
+from bitfit.core.world import SINGLE
+from bitfit.core.trainable import build_optimizer, is_bias, trainable_parameters
+from bitfit.data.rows import load_rows_and_format
+from bitfit.data.templates import choose_template
+from bitfit.data.tokenize import tokenize_rows
 from bitfit.errors import InputError
+from bitfit.model.compute import weights_dtype
 from bitfit.training.live_bytes import LiveTensorBytes
 from bitfit.training.setup import setup_model
 
@@ -38,6 +43,7 @@ from bitfit.training.setup import setup_model
 # weight, 4 of gradient, 8 of AdamW moments, 4 of "activations and temporaries".
 RULE_OF_THUMB_BYTES = 20
 MICRO_BATCHES_TO_RUN = 2
+SMALL_TABLE = 2**16  # numbers
 
 
 @dataclasses.dataclass
@@ -65,7 +71,23 @@ class MemoryEstimate:
         return {**dataclasses.asdict(self), "rule_of_thumb_bytes": self.rule_of_thumb_bytes}
 
 
-def estimate_peak_memory(model, config: TrainConfig, example: dict, pad_id: int) -> MemoryEstimate:
+def estimate_both_modes(config: TrainConfig, build, example: dict, ranks: int = 1) -> dict[str, MemoryEstimate]:
+    """The estimate of config's run, then of the same run in the other mode (--quantize, --add-biases
+    and --bias-terms are BitFit's: full mode trains every weight as it is). build(dtype) returns a
+    fresh (model on the meta device, tokenizer or None); ranks is the number under --fsdp."""
+    other = "full" if config.mode == "bitfit" else "bitfit"
+    configs = [config, dataclasses.replace(config, mode=other, quantize=None, bias_terms="all", add_biases=False)]
+    estimates = {}
+    for each in configs:
+        model, _ = build(weights_dtype(each))
+        if each.mode == "bitfit" and each is not config and not any(is_bias(name) for name, _ in
+                                                                     model.named_parameters()):
+            each = dataclasses.replace(each, add_biases=True)  # BitFit on a model without biases trains added ones
+        estimates[each.mode] = estimate_peak_memory(model, each, example, ranks=ranks)
+    return estimates
+
+
+def estimate_peak_memory(model, config: TrainConfig, example: dict, ranks: int = 1) -> MemoryEstimate:
     """The peak of one optimizer step of config's run on model, whose every micro-batch holds
     examples like example (its longest).
 
@@ -76,16 +98,18 @@ def estimate_peak_memory(model, config: TrainConfig, example: dict, pad_id: int)
     device = torch.device("cpu")
     micro_batch = config.micro_batch if isinstance(config.micro_batch, int) else config.batch_size
     window = config.batch_size * config.grad_accum
-    micro_batches = [collate([example] * size, pad_id) for size in _sizes(window, micro_batch)]
+    # Every row is the longest, so nothing is padded and the pad id does not matter.
+    micro_batches = [collate([example] * size, pad_id=0) for size in _sizes(window, micro_batch)]
     windows = [micro_batches[:1], micro_batches]  # the first step only makes the optimizer's state
     labels = sum(label != IGNORE_INDEX for label in example["labels"])
 
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     fake.fake_tensor_converter = _FreshViewConverter()
     live = LiveTensorBytes()
-    with fake, _BatchValues(), live, _data_dependent_model_errors(config.model), garbage_collector_off():
+    with _ranks(config, ranks) as world, fake, _BatchValues(), live, _data_dependent_model_errors(config.model), \
+            garbage_collector_off():
         make_fake(model, device)
-        setup = setup_model(model, config, device, log=lambda message: None)
+        setup = setup_model(model, config, device, world, log=lambda message: None)
         # AdamW as CUDA builds it: fused (its state is made on the first step, so building it again is free).
         optimizer = build_optimizer(model, config, torch.device("cuda"), no_decay=setup.masks)
         _label_kinds(live, model, optimizer)
@@ -105,6 +129,22 @@ def estimate_peak_memory(model, config: TrainConfig, example: dict, pad_id: int)
         trainable_params=setup.trainable, total_params=setup.total, micro_batch=micro_batch,
         tokens=len(example["input_ids"]), labels=labels,
         seconds=time.perf_counter() - started)
+
+
+def longest_example(config: TrainConfig, tokenizer, use_data: bool) -> dict:
+    """The example the estimate trains on: the longest of config's data (its rows as the run would
+    tokenize them), or without data a row of --max-len tokens, every one but the first a label."""
+    if not use_data:
+        return build_example([0], [0] * (config.max_len - 1), config.max_len)
+    if tokenizer is None:
+        raise InputError(f"{config.model} has no tokenizer, which --data needs to measure its rows; "
+                         f"leave --data out to estimate a row of --max-len {config.max_len} tokens")
+    rows, _ = load_rows_and_format(config.data, config.split, config.limit, config.format)
+    examples, _ = tokenize_rows(rows, tokenizer, config.max_len, choose_template(config.template, tokenizer))
+    if not examples:
+        raise InputError(f"every row of {config.data} was dropped at --max-len {config.max_len}: nothing to train on")
+    return max((examples[index] for index in range(len(examples))), key=lambda example: (len(example["input_ids"]),
+                                              sum(label != IGNORE_INDEX for label in example["labels"])))
 
 
 def _sizes(window: int, micro_batch: int) -> list[int]:
@@ -187,11 +227,19 @@ class _BatchValues(TorchDispatchMode):
     """
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(is_traceable_wrapper_subclass_type(kind) for kind in types):
+            return NotImplemented  # a DTensor, a 4-bit weight: it runs the operators on its inner tensors, seen here
         kwargs = kwargs or {}
         tensors = [value for value in tree_flatten((args, kwargs))[0] if isinstance(value, torch.Tensor)]
         if tensors and not any(isinstance(tensor, FakeTensor) or tensor.is_meta for tensor in tensors):
             with unset_fake_temporarily():
                 return func(*args, **kwargs)
+        if not tensors:  # made from nothing: a small table of whole numbers is made for real (positions, a mesh)
+            out = func(*args, **kwargs)
+            if isinstance(out, FakeTensor) and not out.is_floating_point() and out.numel() <= SMALL_TABLE:
+                with unset_fake_temporarily():
+                    return func(*args, **kwargs)
+            return out
         if func is torch.ops.aten._local_scalar_dense.default:
             return 1.0
         if func is torch.ops.aten.index.Tensor:
@@ -205,6 +253,27 @@ def _positions(index):
         return [index]
     with unset_fake_temporarily():
         return list(index.nonzero().unbind(1))
+
+
+@contextlib.contextmanager
+def _ranks(config: TrainConfig, ranks: int):
+    """--fsdp: the world of rank 0 of ranks, whose collectives do nothing (torch's fake process group:
+    each rank's memory is the same, and no other rank runs)."""
+    if not config.fsdp:
+        yield SINGLE
+        return
+    if ranks < 2:
+        raise InputError(f"--fsdp shards the model over 2 or more ranks; got {ranks}")
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
+
+    from bitfit.parallel.torchrun import TorchrunWorld
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=ranks)
+    try:
+        yield TorchrunWorld(rank=0, world_size=ranks, local_rank=0)
+    finally:
+        dist.destroy_process_group()
 
 
 @contextlib.contextmanager
@@ -232,3 +301,26 @@ def _data_dependent_model_errors(model_name: str):
     except (DataDependentOutputException, DynamicOutputShapeException) as error:
         raise InputError(f"cannot estimate {model_name}: its forward pass depends on the values of its "
                          f"weights ({error.func}), which an estimate does not have") from None
+
+
+def format_estimates(estimates: dict[str, MemoryEstimate], chosen: str, title: str) -> str:
+    """The estimates as a table, the chosen mode's column first, then where each peak falls."""
+    from bitfit.store.metrics import readable_bytes
+
+    modes = [chosen, *(mode for mode in estimates if mode != chosen)]
+    first = estimates[chosen]
+    rows = [("", [f"{mode}{' (this run)' if mode == chosen else ''}" for mode in modes]),
+            ("trainable parameters", [f"{estimates[mode].trainable_params:,}" for mode in modes])]
+    for label, field in (("weights and buffers", "weights_bytes"), ("  of which trained", "trained_bytes"),
+                         ("gradients", "gradient_bytes"), ("optimizer state", "optimizer_bytes"),
+                         ("everything else", "other_bytes"), ("peak (max_memory_allocated)", "peak_bytes"),
+                         (f"rule of thumb ({RULE_OF_THUMB_BYTES} B a parameter)", "rule_of_thumb_bytes")):
+        rows.append((label, [readable_bytes(getattr(estimates[mode], field)) for mode in modes]))
+    width = max(len(label) for label, _ in rows)
+    columns = [max(len(row[1][index]) for row in rows) for index in range(len(modes))]
+    lines = [title, f"the longest window: micro-batches of {first.micro_batch} x {first.tokens} tokens "
+                    f"({first.labels} labels each); at the peak:"]
+    lines += [f"{label:<{width}}  " + "  ".join(f"{value:>{columns[index]}}" for index, value in enumerate(values))
+              for label, values in rows]
+    lines += [f"{mode}'s peak: {estimates[mode].where}" for mode in modes]
+    return "\n".join(lines)

@@ -15,7 +15,8 @@ import dataclasses
 import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch.utils._python_dispatch import (TorchDispatchMode, is_traceable_wrapper_subclass,
+                                          is_traceable_wrapper_subclass_type)
 from torch.utils._pytree import tree_flatten
 from torch.utils.module_tracker import ModuleTracker
 
@@ -58,13 +59,28 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __enter__(self):
         self.modules.__enter__()
+        self._resize = torch.UntypedStorage.resize_
+        torch.UntypedStorage.resize_ = lambda storage, size: self._resized(storage, size)
         return super().__enter__()
 
     def __exit__(self, *exc):
         super().__exit__(*exc)
+        torch.UntypedStorage.resize_ = self._resize
         self.modules.__exit__(*exc)
 
+    def _resized(self, storage, size):
+        """FSDP frees a gathered weight by resizing its storage to nothing, and gathers into it again by
+        resizing it back, which no operator shows: the storage's block is freed and, if it has a size, a
+        new one made."""
+        result = self._resize(storage, size)
+        if id(storage) in self.blocks:
+            self._free(id(storage))
+            self._add(id(storage), storage, None)  # the finalizer made when it was first seen frees it
+        return result
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(is_traceable_wrapper_subclass_type(kind) for kind in types):
+            return NotImplemented  # a DTensor, a 4-bit weight: let it run the operators on its inner tensors, seen here
         out = func(*args, **(kwargs or {}))
         self.moment += 1
         for value in tree_flatten((out, args, kwargs))[0]:  # an input seen first is new here too (the batch)
@@ -77,20 +93,24 @@ class LiveTensorBytes(TorchDispatchMode):
         (torchao's 4-bit NF4Tensor: codes and scales) is the memory of those."""
         if is_traceable_wrapper_subclass(tensor):
             names, _ = tensor.__tensor_flatten__()
-            return [block for name in names for block in self.track(getattr(tensor, name), func)]
+            inner = [getattr(tensor, name) for name in names]
+            return [block for part in inner if isinstance(part, torch.Tensor) for block in self.track(part, func)]
         storage = tensor.untyped_storage()
         key = id(storage)  # the storage object lives as long as its memory, so its id stays its own
         if key in self.blocks:
             return [self.blocks[key]]
+        weakref.finalize(storage, self._free, key)
+        return [self._add(key, storage, func)]
+
+    def _add(self, key: int, storage, func) -> Block:
         block = Block(allocated_bytes(storage.nbytes()), born=self.moment)
         self.blocks[key] = block
         self.history.append(block)
-        weakref.finalize(storage, self._free, key)
         self.now += block.bytes
         if self.now > self.peak:
             self.peak, self.peak_moment = self.now, self.moment
             self.where = self._describe_where(func)
-        return [block]
+        return block
 
     def set_kind(self, tensors, kind: str) -> None:
         for tensor in tensors:
@@ -110,7 +130,9 @@ class LiveTensorBytes(TorchDispatchMode):
         return totals
 
     def _free(self, key: int) -> None:
-        block = self.blocks.pop(key)
+        block = self.blocks.pop(key, None)
+        if block is None:  # freed already, by a resize to nothing
+            return
         block.freed = self.moment + 1  # live through the operator that was running, gone after it
         self.now -= block.bytes
 
