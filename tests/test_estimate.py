@@ -4,7 +4,9 @@ The reference is the count the README's figures were first made with: a dispatch
 storages of real CPU tensors while bitfit's setup and train_step run (LiveTensorBytes on real tensors).
 """
 
+import dataclasses
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -17,9 +19,10 @@ from bitfit.config import TrainConfig
 from bitfit.core.examples import build_example, collate
 from bitfit.core.step import train_step
 from bitfit.core.trainable import build_optimizer
+from bitfit.core.world import SINGLE
 from bitfit.model.compute import weights_dtype
 from bitfit.model.loading import load_model_and_tokenizer, load_model_shape
-from bitfit.training.estimate import estimate_peak_memory, garbage_collector_off
+from bitfit.training.estimate import _label_kinds, _name_micro_batches, estimate_peak_memory, garbage_collector_off
 from bitfit.training.live_bytes import LiveTensorBytes, allocated_bytes
 from bitfit.training.setup import setup_model
 
@@ -30,8 +33,9 @@ def example(max_len: int, prompt: int = 20) -> dict:
     return build_example(list(range(3, 3 + prompt)), [5] * (max_len - prompt), max_len)
 
 
-def real_peak(model_dir: str, config: TrainConfig, one: dict) -> tuple[int, int]:
-    """(peak, bytes of the parameters and buffers) of the estimate's two steps, run for real on the CPU."""
+def real_peak(model_dir: str, config: TrainConfig, one: dict, world=SINGLE) -> tuple[int, int]:
+    """(peak, bytes of the parameters and buffers) of the estimate's two steps, run for real on the CPU
+    (under torchrun with world; estimate_driver.py)."""
     torch.manual_seed(0)
     model, _ = load_model_and_tokenizer(model_dir, weights_dtype(config))
     window = config.batch_size * config.grad_accum
@@ -40,12 +44,15 @@ def real_peak(model_dir: str, config: TrainConfig, one: dict) -> tuple[int, int]
     labels = sum(label != -100 for label in one["labels"]) * window
     with LiveTensorBytes() as live, garbage_collector_off():
         live.set_kind([*model.parameters(), *model.buffers()], "weights")
-        setup = setup_model(model, config, torch.device("cpu"), log=lambda line: None)
+        setup = setup_model(model, config, torch.device("cpu"), world, log=lambda line: None)
         optimizer = build_optimizer(model, config, torch.device("cuda"), no_decay=setup.masks)  # fused, as on CUDA
         live.reset_peak()
-        for window_batches in (batches[:1], batches):
+        count = _name_micro_batches(live, model)
+        _label_kinds(live, model, optimizer)
+        for step, window_batches in enumerate((batches[:1], batches), start=1):
+            count.update(step=step, micro_batch=0)
             train_step(model, optimizer, window_batches, labels, max_grad_norm=1.0, device=torch.device("cpu"),
-                       dtype=config.dtype, loss_fn=setup.loss_fn, scaler=setup.scaler)
+                       dtype=config.dtype, loss_fn=setup.loss_fn, scaler=setup.scaler, world=setup.world)
         weights = sum(allocated_bytes(tensor.untyped_storage().nbytes()) for tensor in _storages(model))
     return live.peak, weights
 
@@ -58,8 +65,9 @@ def _storages(model) -> list[torch.Tensor]:
     pending = [*model.parameters(), *model.buffers()]
     while pending:
         tensor = pending.pop()
-        if is_traceable_wrapper_subclass(tensor):
-            pending += [getattr(tensor, name) for name in tensor.__tensor_flatten__()[0]]
+        if is_traceable_wrapper_subclass(tensor):  # a DTensor's shard, a 4-bit weight's codes and scales
+            inner = [getattr(tensor, name) for name in tensor.__tensor_flatten__()[0]]
+            pending += [part for part in inner if isinstance(part, torch.Tensor)]
         elif id(tensor.untyped_storage()) not in seen:
             seen.add(id(tensor.untyped_storage()))
             tensors.append(tensor)
@@ -97,3 +105,28 @@ def test_the_builtin_model_with_checkpointing_and_a_micro_batch_of_its_own():
     one = example(128)
     real, _ = real_peak(config.model, config, one)
     assert estimated(config.model, config, one).peak_bytes == pytest.approx(real, rel=0.01)
+
+
+FSDP_SETTINGS = dict(batch_size=2, grad_accum=2, fsdp=True, device="cpu")
+FSDP_CASES = ["bitfit:fp32", "bitfit:bf16", "bitfit:bf16:nf4", "full:fp32", "full:bf16"]
+
+
+def test_under_fsdp_the_estimate_of_rank_0_is_what_rank_0_holds():
+    """Two CPU processes under torchrun shard the built-in GPT-2 (real collectives, gloo); the estimate
+    runs rank 0 alone, its collectives those of torch's fake process group."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run(torchrun + [str(ROOT / "tests" / "estimate_driver.py"), "builtin:tiny-gpt2", *FSDP_CASES],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    real = {line["case"]: line["peak"] for line in map(json.loads, result.stdout.splitlines())}
+    assert set(real) == set(FSDP_CASES)
+    for case in FSDP_CASES:
+        mode, dtype, quantize = (case.split(":") + [None])[:3]
+        config = TrainConfig(mode=mode, dtype=dtype, quantize=quantize, **FSDP_SETTINGS)
+        model, _ = load_model_shape(config.model, weights_dtype(config))
+        fake = estimate_peak_memory(model, config, example(96), ranks=2)
+        assert fake.peak_bytes == pytest.approx(real[case], rel=0.01), case
+    # Sharding is what was counted: one rank holds about half of the weights a single process holds.
+    single = estimated(config.model, dataclasses.replace(config, fsdp=False), example(96))
+    assert fake.weights_bytes < 0.6 * single.weights_bytes

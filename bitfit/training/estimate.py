@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import gc
 import time
+import warnings
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorConverter, FakeTensorMode, unset_fake_temporarily
@@ -105,9 +106,11 @@ def estimate_peak_memory(model, config: TrainConfig, example: dict, ranks: int =
 
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     fake.fake_tensor_converter = _FreshViewConverter()
-    live = LiveTensorBytes()
-    with _ranks(config, ranks) as world, fake, _BatchValues(), live, _data_dependent_model_errors(config.model), \
-            garbage_collector_off():
+    live = LiveTensorBytes(fake_mode=fake)
+    with _ranks(config, ranks, live) as world, fake, _BatchValues(), live, \
+            _data_dependent_model_errors(config.model), garbage_collector_off(), warnings.catch_warnings():
+        # torchao's 4-bit weights compare their storages' addresses, which fake tensors only pretend to have.
+        warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
         make_fake(model, device)
         setup = setup_model(model, config, device, world, log=lambda message: None)
         # AdamW as CUDA builds it: fused (its state is made on the first step, so building it again is free).
@@ -256,9 +259,14 @@ def _positions(index):
 
 
 @contextlib.contextmanager
-def _ranks(config: TrainConfig, ranks: int):
+def _ranks(config: TrainConfig, ranks: int, live: LiveTensorBytes):
     """--fsdp: the world of rank 0 of ranks, whose collectives do nothing (torch's fake process group:
-    each rank's memory is the same, and no other rank runs)."""
+    each rank's memory is the same, and no other rank runs).
+
+    FSDP's parameters are DTensors, and a DTensor works out the global shape of an operator's output
+    by running it on fake tensors, once per operator and layout; it takes the estimate's fake mode for
+    that, and those tensors stand for no memory. It runs them under ShardingPropagator._fake_mode_lock
+    (a lock for threaded tests, nothing by default), so that is where live stops counting."""
     if not config.fsdp:
         yield SINGLE
         return
@@ -269,10 +277,14 @@ def _ranks(config: TrainConfig, ranks: int):
 
     from bitfit.parallel.torchrun import TorchrunWorld
 
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=ranks)
+    lock, ShardingPropagator._fake_mode_lock = ShardingPropagator._fake_mode_lock, live.not_counted()
     try:
         yield TorchrunWorld(rank=0, world_size=ranks, local_rank=0)
     finally:
+        ShardingPropagator._fake_mode_lock = lock
         dist.destroy_process_group()
 
 

@@ -15,6 +15,7 @@ import dataclasses
 import weakref
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import (TorchDispatchMode, is_traceable_wrapper_subclass,
                                           is_traceable_wrapper_subclass_type)
 from torch.utils._pytree import tree_flatten
@@ -48,8 +49,10 @@ class LiveTensorBytes(TorchDispatchMode):
     live.peak, live.where, live.blocks_at_peak()
     """
 
-    def __init__(self):
+    def __init__(self, fake_mode=None):
         super().__init__()
+        self.fake_mode = fake_mode  # the FakeTensorMode whose tensors stand for the device's (None: real tensors)
+        self.paused = 0  # inside not_counted()
         self.blocks: dict[int, Block] = {}  # id of a live storage -> its block
         self.history: list[Block] = []  # every block, freed ones too: what the peak was made of
         self.now = self.peak = self.moment = self.peak_moment = 0
@@ -95,6 +98,10 @@ class LiveTensorBytes(TorchDispatchMode):
             names, _ = tensor.__tensor_flatten__()
             inner = [getattr(tensor, name) for name in names]
             return [block for part in inner if isinstance(part, torch.Tensor) for block in self.track(part, func)]
+        if self.paused or isinstance(tensor, FakeTensor) and tensor.fake_mode is not self.fake_mode:
+            # A fake tensor of someone else's: DTensor works out its outputs' shapes on fake tensors of its own
+            # (once per operator and layout, cached): no memory is behind them, on a GPU either.
+            return []
         storage = tensor.untyped_storage()
         key = id(storage)  # the storage object lives as long as its memory, so its id stays its own
         if key in self.blocks:
@@ -111,6 +118,20 @@ class LiveTensorBytes(TorchDispatchMode):
             self.peak, self.peak_moment = self.now, self.moment
             self.where = self._describe_where(func)
         return block
+
+    def not_counted(self):
+        """A context in which tensors made stand for no memory (see bitfit.training.estimate); it may be
+        entered again and again."""
+        live = self
+
+        class NotCounted:
+            def __enter__(self):
+                live.paused += 1
+
+            def __exit__(self, *exc):
+                live.paused -= 1
+
+        return NotCounted()
 
     def set_kind(self, tensors, kind: str) -> None:
         for tensor in tensors:
