@@ -90,8 +90,10 @@ def run_estimate(config: TrainConfig, arch: str | None = None, use_data: bool = 
         from bitfit.model.loading import load_model_shape
         from bitfit.training.run import fit_max_len_to_model
 
-        name, config = config.model, fit_max_len_to_model(config, log)
-        build = lambda dtype: load_model_shape(config.model, dtype)  # noqa: E731
+        name = config.model
+        build = lambda dtype: load_model_shape(name, dtype)  # noqa: E731
+        build(None)  # a missing or broken config is said first, before anything reads it
+        config = fit_max_len_to_model(config, log)
     _, tokenizer = build(None) if use_data else (None, None)
     example = longest_example(config, tokenizer, use_data)
     estimates = estimate_both_modes(config, build, example, ranks=ranks)

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, cli
+from conftest import ROOT, cli, error_lines, folder_bytes, leftovers
 
 from bitfit.config import TrainConfig
 from bitfit.core.examples import build_example, collate
@@ -130,3 +130,114 @@ def test_under_fsdp_the_estimate_of_rank_0_is_what_rank_0_holds():
     # Sharding is what was counted: one rank holds about half of the weights a single process holds.
     single = estimated(config.model, dataclasses.replace(config, fsdp=False), example(96))
     assert fake.weights_bytes < 0.6 * single.weights_bytes
+
+
+# ------------------------------------------------------------ the commands
+
+# The bloom-1b1 shape (the seed's bloomz-1b1), micro-batch 1, 256 tokens: what the first real-tensor counts
+# gave (docs/memory.md), for the run's first optimizer step.
+BLOOM_FIRST_COUNTS_GIB = {("bitfit", "bf16"): 2.42, ("bitfit", "fp32"): 4.45}
+LLAMA_2_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+              "intermediate_size": 11008, "num_attention_heads": 32, "num_hidden_layers": 32,
+              "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096,
+              "rms_norm_eps": 1e-05, "tie_word_embeddings": False, "torch_dtype": "float16"}
+
+
+def estimate_json(capsys, *argv) -> dict:
+    from bitfit.estimate import main
+
+    status, out, err = cli(main, [*argv, "--json"], capsys)
+    assert status == 0, err
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_the_bloom_shape_gives_the_first_counts(capsys, dtype):
+    report = estimate_json(capsys, "--arch", "bloom-1b1", "--mode", "bitfit", "--dtype", dtype, "--batch-size", "1",
+                           "--max-len", "256")
+    bitfit, full = report["modes"]["bitfit"], report["modes"]["full"]
+    assert bitfit["peak_bytes"] / GiB == pytest.approx(BLOOM_FIRST_COUNTS_GIB["bitfit", dtype], rel=0.02)
+    assert bitfit["trainable_params"] == 408_576 and full["trainable_params"] == 1_065_314_304  # the seed's counts
+    # Full fine-tuning holds fp32 weights, their gradients and AdamW's two moments: 16 bytes a parameter.
+    assert full["weights_bytes"] + full["gradient_bytes"] + full["optimizer_bytes"] == pytest.approx(
+        16 * 1_065_314_304, rel=0.01)
+    assert bitfit["gradient_bytes"] < 2**21 and bitfit["optimizer_bytes"] < 2**22  # the biases' alone
+
+
+def test_a_7b_config_alone_is_estimated_in_little_memory(tmp_path):
+    """A folder with only LLaMA-2-7B's config.json: no weights, and the process stays small."""
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_2_7B))
+    script = ("import json, resource, sys; from bitfit.cli import run_main; from bitfit.estimate import main; "
+              "status = run_main(main, sys.argv[1:]); "
+              "print(json.dumps({'rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))")
+    # BitFit in bf16 (on added biases: LLaMA has none), and full fine-tuning beside it.
+    result = subprocess.run([sys.executable, "-c", script, "--model", str(tmp_path), "--mode", "bitfit", "--dtype",
+                             "bf16", "--add-biases", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    report, usage = result.stdout.rsplit("\n{", 1)
+    assert json.loads("{" + usage)["rss"] < 4 * GiB
+    bitfit, full = json.loads(report)["modes"]["bitfit"], json.loads(report)["modes"]["full"]
+    assert bitfit["peak_bytes"] < 16 * GiB and bitfit["trainable_params"] > 1_000_000
+    # Full fine-tuning keeps fp32 weights under bf16 autocast: 16 bytes a parameter before any activation.
+    assert full["peak_bytes"] > 100 * GiB
+
+
+def test_the_table_names_each_part_and_where_the_peak_falls(capsys):
+    from bitfit.estimate import main
+
+    status, out, _ = cli(main, ["--mode", "full", "--max-len", "64"], capsys)
+    assert status == 0
+    assert "full (this run)" in out and "bitfit" in out
+    for label in ("weights and buffers", "gradients", "optimizer state", "everything else", "peak"):
+        assert label in out
+    assert "full's peak: step " in out and "bitfit's peak: step " in out
+
+
+def test_data_gives_the_longest_example_the_run_would_train(capsys, alpaca_file, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from bitfit.data.rows import load_rows
+    from bitfit.data.tokenize import tokenize_rows
+
+    report = estimate_json(capsys, "--model", tiny_model_dir, "--data", alpaca_file, "--max-len", "128")
+    examples, _ = tokenize_rows(load_rows(alpaca_file), AutoTokenizer.from_pretrained(tiny_model_dir), 128,
+                                "human-assistant")
+    assert report["modes"]["bitfit"]["tokens"] == max(len(examples[i]["input_ids"]) for i in range(len(examples)))
+
+
+def test_train_estimate_prints_and_touches_no_folder(capsys, earlier_run, alpaca_file, tiny_model_dir):
+    import train
+
+    before = folder_bytes(earlier_run)
+    status, out, err = cli(train.main, ["--model", tiny_model_dir, "--data", alpaca_file, "--output-dir",
+                                        str(earlier_run), "--estimate"], capsys)
+    assert status == 0, err
+    assert "bitfit (this run)" in out and "peak (max_memory_allocated)" in out
+    assert folder_bytes(earlier_run) == before and leftovers(earlier_run) == []
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "{empty}"], "holds no config.json"),
+    (["--model", "{bad_shape}"], "cannot build model"),
+    (["--micro-batch", "0"], "--micro-batch"),
+    (["--fsdp", "1"], "2 or more ranks"),
+    (["--model", "{empty}/nowhere"], "not found"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, argv, message):
+    from bitfit.estimate import main
+
+    (tmp_path / "empty").mkdir()
+    bad_shape = tmp_path / "bad"
+    bad_shape.mkdir()
+    (bad_shape / "config.json").write_text(json.dumps({**LLAMA_2_7B, "vocab_size": -5}))
+    argv = [arg.format(empty=tmp_path / "empty", bad_shape=bad_shape) for arg in argv]
+    status, out, err = cli(main, argv, capsys)
+    assert status == 2
+    assert len(error_lines(err)) == 1 and message in err, err
+
+
+def test_train_estimate_refuses_auto(capsys):
+    import train
+
+    status, _, err = cli(train.main, ["--micro-batch", "auto", "--estimate"], capsys)
+    assert status == 2 and "--micro-batch auto" in err and len(error_lines(err)) == 1
