@@ -12,7 +12,7 @@ says what it may import; tests/test_architecture.py holds it to that):
     parallel  several processes: torchrun, --fsdp
     training  a whole run: the setup steps every caller shares, the run, its summary
 Beside them, shared by all: errors (the errors a user meets) and config (the run's settings, one
-dataclass). The commands: walkthrough, compare, export, fetch, bench, experiment (each
+dataclass). The commands: walkthrough, compare, export, fetch, bench, estimate, experiment (each
 `python -m bitfit.NAME`), and cli, what they and train.py and generate.py share.
 
 The names below are the public API, for a notebook or a loop of your own (the README shows

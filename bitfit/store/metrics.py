@@ -145,7 +145,9 @@ def format_summary(summary: dict) -> str:
                        f"{summary['tokens_per_s']:,.0f} tokens/s"),
         ("weights", readable_bytes(summary["weight_bytes"]) + (f" ({summary['quantize']} blocks)"
                                                                if summary["quantize"] else "")),
-        ("peak GPU memory", gib(summary["peak_memory_bytes"])),
+        ("peak GPU memory", gib(summary["peak_memory_bytes"]) + (
+            f" (estimated {gib(summary['estimated_peak_memory_bytes'])}: {summary['peak_memory_vs_estimate']:.2f}x)"
+            if summary.get("peak_memory_vs_estimate") else "")),
         ("peak RSS", gib(summary["peak_rss_bytes"])),
         ("device", summary["device"]),
     ]

@@ -134,6 +134,20 @@ def estimate_peak_memory(model, config: TrainConfig, example: dict, ranks: int =
         seconds=time.perf_counter() - started)
 
 
+def estimate_run(config: TrainConfig, examples) -> int:
+    """The estimated peak of a run about to train on examples (bitfit.data.tokenize.LazyExamples): a CUDA
+    run writes it in its summary beside what it measured."""
+    from bitfit.model.loading import load_model_shape
+
+    model, _ = load_model_shape(config.model, weights_dtype(config))
+    return estimate_peak_memory(model, config, _longest(examples)).peak_bytes
+
+
+def _longest(examples) -> dict:
+    return max((examples[index] for index in range(len(examples))), key=lambda example: (
+        len(example["input_ids"]), sum(label != IGNORE_INDEX for label in example["labels"])))
+
+
 def longest_example(config: TrainConfig, tokenizer, use_data: bool) -> dict:
     """The example the estimate trains on: the longest of config's data (its rows as the run would
     tokenize them), or without data a row of --max-len tokens, every one but the first a label."""
@@ -146,8 +160,7 @@ def longest_example(config: TrainConfig, tokenizer, use_data: bool) -> dict:
     examples, _ = tokenize_rows(rows, tokenizer, config.max_len, choose_template(config.template, tokenizer))
     if not examples:
         raise InputError(f"every row of {config.data} was dropped at --max-len {config.max_len}: nothing to train on")
-    return max((examples[index] for index in range(len(examples))), key=lambda example: (len(example["input_ids"]),
-                                              sum(label != IGNORE_INDEX for label in example["labels"])))
+    return _longest(examples)
 
 
 def _sizes(window: int, micro_batch: int) -> list[int]:

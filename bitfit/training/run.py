@@ -33,6 +33,7 @@ from bitfit.store.metrics import (MetricsLog, format_summary, import_summary_wri
                                   reset_peak_memory)
 from bitfit.store.run_folder import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, TENSORBOARD_DIR, RunFolder
 from bitfit.training.micro_batch import TryEachSize, micro_batches
+from bitfit.training.estimate import estimate_run
 from bitfit.training.setup import setup_model
 from bitfit.training.summary import build_summary
 
@@ -75,6 +76,10 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=
         if inputs.dropped:
             log(describe_dropped(inputs.rows, inputs.dropped))
 
+        # On a GPU, what the estimate (python -m bitfit.estimate) says the run will take, to set beside what
+        # it takes. Not under --fsdp: the estimate needs a process group of its own (run it before, with --fsdp N).
+        estimated_peak = (estimate_run(config, inputs.examples)
+                          if device.type == "cuda" and not config.fsdp and world.is_main else None)
         # Dropout's random draws (each rank its own masks); the data order has its own seeded generator.
         torch.manual_seed(config.seed + world.rank)
         delta_metadata = {}  # what the delta records of the base, read while the model is whole
@@ -101,7 +106,8 @@ def run(config: TrainConfig, resume_state: dict | None = None, log=print, world=
                                 world_size=world.world_size,
                                 peak_memory_per_rank=setup.world.gather(peak_memory_bytes(device)),
                                 weight_bytes=setup.weight_bytes,
-                                parameter_bytes_per_rank=setup.world.gather(parameter_bytes(inputs.model)))
+                                parameter_bytes_per_rank=setup.world.gather(parameter_bytes(inputs.model)),
+                                estimated_peak_memory_bytes=estimated_peak)
         save_trained(inputs.model, inputs.tokenizer, config, staging, setup, delta_metadata)
         if world.is_main:
             save_json(staging / SUMMARY_FILE, summary)

@@ -9,10 +9,12 @@ from bitfit.store.metrics import peak_memory_bytes, peak_rss_bytes, work_done
 
 
 def build_summary(config, progress, *, trainable, total, device, dropped_rows, eval_rows, world_size=1,
-                  peak_memory_per_rank=None, weight_bytes=None, parameter_bytes_per_rank=None) -> dict:
+                  peak_memory_per_rank=None, weight_bytes=None, parameter_bytes_per_rank=None,
+                  estimated_peak_memory_bytes=None) -> dict:
     """The run's summary; progress's counts are already global (summed over the ranks)."""
     if peak_memory_per_rank is None:
         peak_memory_per_rank = [peak_memory_bytes(device)]
+    peak = None if None in peak_memory_per_rank else max(peak_memory_per_rank)
     return {
         "mode": config.mode,
         "model": config.model,
@@ -24,8 +26,12 @@ def build_summary(config, progress, *, trainable, total, device, dropped_rows, e
         **work_done(progress),
         "world_size": world_size,
         # The largest rank's peak: what a GPU must hold for the run to fit (null on CPU).
-        "peak_memory_bytes": None if None in peak_memory_per_rank else max(peak_memory_per_rank),
+        "peak_memory_bytes": peak,
         "peak_memory_bytes_per_rank": peak_memory_per_rank,
+        # What bitfit.estimate said before the run (CUDA runs but --fsdp's), and measured / estimated.
+        "estimated_peak_memory_bytes": estimated_peak_memory_bytes,
+        "peak_memory_vs_estimate": (peak / estimated_peak_memory_bytes
+                                    if peak is not None and estimated_peak_memory_bytes else None),
         "fsdp": config.fsdp,
         # The parameters each rank holds between steps: the whole model each, or under --fsdp its shards.
         "parameter_bytes_per_rank": parameter_bytes_per_rank,
