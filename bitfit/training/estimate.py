@@ -18,7 +18,6 @@ accepts. The one CUDA difference that counts for memory is put in: AdamW is buil
 
 import contextlib
 import dataclasses
-import gc
 import time
 import warnings
 
@@ -108,7 +107,7 @@ def estimate_peak_memory(model, config: TrainConfig, example: dict, ranks: int =
     fake.fake_tensor_converter = _FreshViewConverter()
     live = LiveTensorBytes(fake_mode=fake)
     with _ranks(config, ranks, live) as world, fake, _BatchValues(), live, \
-            _data_dependent_model_errors(config.model), garbage_collector_off(), warnings.catch_warnings():
+            _data_dependent_model_errors(config.model), warnings.catch_warnings():
         # torchao's 4-bit weights compare their storages' addresses, which fake tensors only pretend to have.
         warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
         make_fake(model, device)
@@ -299,21 +298,6 @@ def _ranks(config: TrainConfig, ranks: int, live: LiveTensorBytes):
     finally:
         ShardingPropagator._fake_mode_lock = lock
         dist.destroy_process_group()
-
-
-@contextlib.contextmanager
-def garbage_collector_off():
-    """Hold Python's cycle collector off: tensors kept only by a reference cycle (gradient checkpointing
-    makes some) stay counted until the step ends. When the collector runs depends on how many Python
-    objects a program makes, which differs between fake and real tensors, so without this the count
-    would depend on it; with it, it is the most a run can hold."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 @contextlib.contextmanager
