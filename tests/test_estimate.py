@@ -45,6 +45,7 @@ def real_peak(model_dir: str, config: TrainConfig, one: dict, world=SINGLE) -> t
         live.set_kind([*model.parameters(), *model.buffers()], "weights")
         setup = setup_model(model, config, torch.device("cpu"), world, log=lambda line: None)
         optimizer = build_optimizer(model, config, torch.device("cuda"), no_decay=setup.masks)  # fused, as on CUDA
+        model.train()
         live.reset_peak()
         count = _name_micro_batches(live, model)
         _label_kinds(live, model, optimizer)

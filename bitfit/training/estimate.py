@@ -115,6 +115,7 @@ def estimate_peak_memory(model, config: TrainConfig, example: dict, ranks: int =
         # AdamW as CUDA builds it: fused (its state is made on the first step, so building it again is free).
         optimizer = build_optimizer(model, config, torch.device("cuda"), no_decay=setup.masks)
         _label_kinds(live, model, optimizer)
+        model.train()  # as train_loop does: dropout, and --grad-checkpointing, act only in training mode
         live.reset_peak()  # as a run does before training: the peak of the step, the weights included
         count = _name_micro_batches(live, model)
         for step, batches in enumerate(windows, start=1):
