@@ -243,6 +243,9 @@ def test_train_estimate_prints_and_touches_no_folder(capsys, earlier_run, alpaca
     (["--micro-batch", "0"], "--micro-batch"),
     (["--fsdp", "1"], "2 or more ranks"),
     (["--model", "{empty}/nowhere"], "not found"),
+    (["--arch", "bloom-1b1", "--max-len", "1000000000"], "more than the estimate takes"),
+    (["--batch-size", "100000", "--max-len", "512"], "more than the estimate takes"),
+    (["--micro-batch", "auto"], "--micro-batch"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, argv, message):
     from bitfit.estimate import main

@@ -1,8 +1,8 @@
-"""Will it fit? The peak memory of a run's optimizer step, worked out before the run, with no GPU.
+"""Will it fit? The peak memory of a run, worked out before the run, with no GPU and no weights.
 
 The estimate does what the run does, on fake tensors: bitfit's own setup (setup_model: the frozen
-weights, added biases, 4-bit layers, fp32 master copies, AdamW), then one train_step of the longest
-window the run would train. Under torch's FakeTensorMode every operator works out its output's size,
+weights, added biases, 4-bit layers, fp32 master copies, --fsdp's shards, AdamW), then train_step on
+windows of the longest example the run would train. Under torch's FakeTensorMode every operator works out its output's size,
 dtype and device and computes nothing, so a 70B model takes no memory and seconds.
 bitfit.training.live_bytes counts the storages as CUDA's caching allocator would report them in
 torch.cuda.max_memory_allocated.
@@ -42,14 +42,14 @@ from bitfit.training.setup import setup_model
 # The seed notebook's rule of thumb for full fine-tuning with AdamW in fp32, per parameter: 4 bytes of
 # weight, 4 of gradient, 8 of AdamW moments, 4 of "activations and temporaries".
 RULE_OF_THUMB_BYTES = 20
-MICRO_BATCHES_TO_RUN = 2
 SMALL_TABLE = 2**16  # numbers
+MOST_TOKENS = 2**24  # in a micro-batch: its token ids, mask and labels are real tensors
 
 
 @dataclasses.dataclass
 class MemoryEstimate:
     mode: str
-    peak_bytes: int  # what torch.cuda.max_memory_allocated would say after the step
+    peak_bytes: int  # what torch.cuda.max_memory_allocated would say after the run
     weights_bytes: int  # the model's parameters and buffers (trained ones included)
     trained_bytes: int  # of which the tensors that train (fp32 master copies)
     gradient_bytes: int
@@ -88,8 +88,8 @@ def estimate_both_modes(config: TrainConfig, build, example: dict, ranks: int = 
 
 
 def estimate_peak_memory(model, config: TrainConfig, example: dict, ranks: int = 1) -> MemoryEstimate:
-    """The peak of one optimizer step of config's run on model, whose every micro-batch holds
-    examples like example (its longest).
+    """The peak of config's run on model, every micro-batch of it holding examples like example (its
+    longest): two optimizer steps, the second of two micro-batches, as the module's docstring says why.
 
     model holds the model's shape on the meta device (bitfit.model.loading.load_model_shape); it is
     set up and trained on fake tensors, and is of no use afterwards.
@@ -98,6 +98,9 @@ def estimate_peak_memory(model, config: TrainConfig, example: dict, ranks: int =
     device = torch.device("cpu")
     micro_batch = config.micro_batch if isinstance(config.micro_batch, int) else config.batch_size
     window = config.batch_size * config.grad_accum
+    if min(micro_batch, window) * len(example["input_ids"]) > MOST_TOKENS:
+        raise InputError(f"a micro-batch of {min(micro_batch, window):,} x {len(example['input_ids']):,} tokens is "
+                         f"more than the estimate takes ({MOST_TOKENS:,} tokens; no GPU trains that many at once)")
     # Every row is the longest, so nothing is padded and the pad id does not matter.
     micro_batches = [collate([example] * size, pad_id=0) for size in _sizes(window, micro_batch)]
     windows = [micro_batches[:1], micro_batches]  # the first step only makes the optimizer's state
@@ -152,6 +155,8 @@ def longest_example(config: TrainConfig, tokenizer, use_data: bool) -> dict:
     """The example the estimate trains on: the longest of config's data (its rows as the run would
     tokenize them), or without data a row of --max-len tokens, every one but the first a label."""
     if not use_data:
+        if config.max_len > MOST_TOKENS:
+            raise InputError(f"--max-len {config.max_len:,} is more than the estimate takes ({MOST_TOKENS:,} tokens)")
         return build_example([0], [0] * (config.max_len - 1), config.max_len)
     if tokenizer is None:
         raise InputError(f"{config.model} has no tokenizer, which --data needs to measure its rows; "
@@ -164,9 +169,9 @@ def longest_example(config: TrainConfig, tokenizer, use_data: bool) -> dict:
 
 
 def _sizes(window: int, micro_batch: int) -> list[int]:
-    """The first micro-batches of the window (train_step runs them in turn)."""
-    sizes = [min(micro_batch, window - start) for start in range(0, window, micro_batch)]
-    return sizes[:MICRO_BATCHES_TO_RUN]
+    """The sizes of the window's first two micro-batches (train_step runs them in turn)."""
+    first = min(micro_batch, window)
+    return [first, min(micro_batch, window - first)] if window > first else [first]
 
 
 def make_fake(model: torch.nn.Module, device: torch.device) -> None:
