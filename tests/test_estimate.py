@@ -296,3 +296,15 @@ def test_on_cuda_the_estimate_is_near_what_the_gpu_measured(tmp_path, dtype, cap
     # The allocator hands out a large free block whole when what is left of it is under 1 MiB, so a GPU
     # can count a little more than the live tensors; a tiny model makes that a larger share.
     assert 0.95 < summary["peak_memory_vs_estimate"] < 1.25, summary
+
+
+def test_a_gguf_file_is_estimated_from_its_metadata(capsys, gguf_path, alpaca_file):
+    """The shape from the GGUF file's metadata, and its tokenizer for --data; the counts are a real load's."""
+    from bitfit.core.trainable import count_parameters
+
+    report = estimate_json(capsys, "--model", gguf_path, "--add-biases", "--data", alpaca_file, "--max-len", "64")
+    model, _ = load_model_and_tokenizer(gguf_path)
+    config = TrainConfig(model=gguf_path, add_biases=True, device="cpu")
+    setup_model(model, config, torch.device("cpu"), log=lambda line: None)
+    assert report["modes"]["bitfit"]["trainable_params"] == count_parameters(model)[0]
+    assert report["modes"]["bitfit"]["tokens"] <= 64
