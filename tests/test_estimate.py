@@ -308,3 +308,11 @@ def test_a_gguf_file_is_estimated_from_its_metadata(capsys, gguf_path, alpaca_fi
     setup_model(model, config, torch.device("cpu"), log=lambda line: None)
     assert report["modes"]["bitfit"]["trainable_params"] == count_parameters(model)[0]
     assert report["modes"]["bitfit"]["tokens"] <= 64
+
+
+def test_fsdp_ranks_divide_the_weights_each_rank_holds(capsys):
+    one_process = estimate_json(capsys, "--max-len", "64")
+    sharded = estimate_json(capsys, "--max-len", "64", "--fsdp", "4")
+    assert sharded["fsdp_ranks"] == 4
+    for mode in ("bitfit", "full"):
+        assert sharded["modes"][mode]["weights_bytes"] < 0.3 * one_process["modes"][mode]["weights_bytes"]
