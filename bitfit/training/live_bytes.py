@@ -4,8 +4,9 @@ torch.cuda.max_memory_allocated is the peak of one number: the bytes of the memo
 tensors that are still alive. A block holds one tensor *storage* (views share their base's), and its
 size is the storage's bytes rounded up to a multiple of 512, the allocator's smallest unit. So the
 same number can be counted without a GPU: watch every operator's output, add each new storage when
-it appears and take it off when Python frees it. LiveTensorBytes does that, on real tensors or on
-FakeTensorMode's fake ones, which have sizes but no memory (bitfit.training.estimate).
+it appears and take it off when Python frees it (or, as FSDP frees a gathered layer, when its storage
+is resized to nothing). LiveTensorBytes does that, on real tensors or on FakeTensorMode's fake ones,
+which have sizes but no memory (bitfit.training.estimate).
 
 What it cannot see is the allocator's slack: a large free block it hands out whole because the
 rest (under 1 MiB) is not worth splitting off. A GPU's figure can be that much higher.
@@ -35,7 +36,7 @@ class Block:
     bytes: int
     born: int
     freed: int | None = None
-    kind: str = "other"  # weights, trainable, gradients, optimizer: what set_kind says; the rest is other
+    kind: str = "other"  # weights, trained, gradients, optimizer: what set_kind says; the rest is other
 
     def live_at(self, moment: int) -> bool:
         return self.born <= moment and (self.freed is None or self.freed > moment)
@@ -46,7 +47,7 @@ class LiveTensorBytes(TorchDispatchMode):
 
     with LiveTensorBytes() as live:   # tensors made before: live.track(...) them
         ...
-    live.peak, live.where, live.blocks_at_peak()
+    live.peak, live.where, live.bytes_at_peak()
     """
 
     def __init__(self, fake_mode=None):
