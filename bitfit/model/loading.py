@@ -136,5 +136,6 @@ def _config_and_tokenizer_source(name: str):
         with library_logs_silenced():
             config = transformers.AutoConfig.from_pretrained(name)
     except (OSError, ValueError, KeyError) as error:
-        raise InputError(f"could not load the config of model {name!r}: {_first_line(error)}") from None
+        raise InputError(f"could not load the config of model {name!r}: {_first_line(error)} (a folder holding "
+                         f"only the model's config.json is enough)") from None
     return config, {"pretrained_model_name_or_path": name}
