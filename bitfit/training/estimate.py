@@ -2,8 +2,8 @@
 
 The estimate does what the run does, on fake tensors: bitfit's own setup (setup_model: the frozen
 weights, added biases, 4-bit layers, fp32 master copies, --fsdp's shards, AdamW), then train_step on
-windows of the longest example the run would train. Under torch's FakeTensorMode every operator works out its output's size,
-dtype and device and computes nothing, so a 70B model takes no memory and seconds.
+windows of the longest example the run would train. Under torch's FakeTensorMode every operator works
+out its output's size, dtype and device and computes nothing, so a 70B model takes no memory and seconds.
 bitfit.training.live_bytes counts the storages as CUDA's caching allocator would report them in
 torch.cuda.max_memory_allocated.
 
